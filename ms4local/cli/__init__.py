@@ -1,0 +1,1 @@
+"""The `ms4local` command line: one module per command, shared options and the error table."""

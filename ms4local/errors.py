@@ -1,0 +1,19 @@
+"""Typed errors of the runtime; the CLI maps each to a one-line message (ms4local/cli/errors.py)."""
+
+from __future__ import annotations
+
+
+class Ms4localError(Exception):
+    """Base class for every runtime error raised on purpose."""
+
+
+class ModelLoadError(Ms4localError):
+    """llama.cpp could not load the model file; the message carries llama.cpp's own reason."""
+
+
+class ContextError(Ms4localError):
+    """The inference context could not be created, or the prompt does not fit in it."""
+
+
+class PromptError(Ms4localError):
+    """The conversation cannot be rendered with the model's chat template."""

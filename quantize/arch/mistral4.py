@@ -1,0 +1,287 @@
+"""Mistral Small 4 (HF `mistral4` text model) → GGUF arch `mistral4`.
+
+Spec §1–3. The mapping is a list of `TensorJob`s, each naming its source tensors and a generator
+of float32 chunks (one expert at a time for the 3-D expert stacks), so the writer never holds
+more than one expert slice of the model in memory.
+
+Two deliberate differences from llama.cpp's own HF converter (spec §3.3): we write both
+Llama-4 query-temperature keys (`attention.temperature_scale` / `temperature_length`) — without
+them the model is wrong past `original_max_position_embeddings` — and `expert_gating_func`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CheckpointError, MissingTensorError, ShapeError
+from ..hparams import TextHParams, text_hparams
+from ..source import FLOAT_DTYPES, SafetensorsSource
+
+ARCH = "mistral4"
+MODEL_TYPES = ("mistral4",)
+DESCRIPTION = "Mistral Small 4 (Mistral3ForConditionalGeneration with text_config.model_type mistral4, or Mistral4ForCausalLM)"
+
+# Roles decide the type policy (quantize/policy.py) without parsing names twice.
+NORM, ROUTER, EMBED, OUTPUT, ATTN, SHEXP, EXPERTS, DENSE = (
+    "norm", "router", "token_embd", "output", "attention", "shared_expert", "routed_experts", "dense_ffn")
+
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass
+class TensorJob:
+    """One GGUF tensor to write: its name, numpy-order shape, role and how to produce its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    sources: tuple[str, ...]
+    chunks: Callable[[], Iterator[np.ndarray]] = field(repr=False)
+    layer: int | None = None
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def hparams(top: dict[str, Any], text: dict[str, Any]) -> TextHParams:
+    return text_hparams(text, top)
+
+
+def normalize(name: str) -> str:
+    """Strip the `language_model.` wrapper wherever it is (both transformers 4 and 5 layouts)."""
+    return name.replace("language_model.", "")
+
+
+class _Weights:
+    """Reads HF text tensors by normalised name, dequantizing FP8 with its scales."""
+
+    def __init__(self, source: SafetensorsSource) -> None:
+        self.source = source
+        self.by_norm: dict[str, str] = {}
+        for raw in source.names():
+            if raw.startswith(_VISION_PREFIXES) or raw.endswith(_IGNORED_SUFFIXES):
+                continue
+            self.by_norm[normalize(raw)] = raw
+        self.used: set[str] = set()
+        self._expert_scales: dict[str, np.ndarray | None] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.by_norm
+
+    def ref(self, name: str):
+        if name not in self.by_norm:
+            raise MissingTensorError(f"tensor {name} is missing from the checkpoint; the download may be incomplete")
+        self.used.add(name)
+        ref = self.source.ref(self.by_norm[name])
+        if ref.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {name} has dtype {ref.dtype}; expected one of {', '.join(FLOAT_DTYPES)}")
+        return ref
+
+    def _scale_name(self, name: str) -> str:
+        return name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+
+    def _scale(self, name: str) -> np.ndarray | None:
+        ref = self.ref(name)
+        if ref.dtype != "F8_E4M3":
+            return None
+        scale_name = self._scale_name(name)
+        if scale_name not in self.by_norm:
+            raise MissingTensorError(f"FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete")
+        self.used.add(scale_name)
+        act = name[: -len(".weight")] + ".activation_scale" if name.endswith(".weight") else name + "_activation_scale"
+        if act in self.by_norm:
+            self.used.add(act)  # activation scales are for FP8 matmuls at run time; dequantized weights drop them
+        return self.source.read(self.by_norm[scale_name]).astype(np.float32)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.ref(name).shape
+
+    def read(self, name: str) -> np.ndarray:
+        """The whole tensor as float32 (FP8 dequantized per tensor or per block)."""
+        ref = self.ref(name)
+        data = self.source.read(self.by_norm[name])
+        scale = self._scale(name)
+        if scale is None:
+            return data
+        if scale.size == 1:
+            return data * scale.reshape(())
+        if scale.ndim == 2 and data.ndim == 2:  # block-wise scales [ceil(rows/b0), ceil(cols/b1)]
+            b0 = -(-data.shape[0] // scale.shape[0])
+            b1 = -(-data.shape[1] // scale.shape[1])
+            full = np.repeat(np.repeat(scale, b0, axis=0), b1, axis=1)[: data.shape[0], : data.shape[1]]
+            return data * full
+        raise CheckpointError(f"FP8 scale of {name} has shape {list(scale.shape)}, which this converter cannot apply")
+
+    def read_expert(self, name: str, e: int, n_experts: int) -> np.ndarray:
+        """Expert `e` of a stacked [E, rows, cols] tensor, dequantized with its per-expert scale."""
+        self.ref(name)
+        data = self.source.read_slice(self.by_norm[name], e)
+        if name not in self._expert_scales:  # read once per stack, not once per expert
+            self._expert_scales[name] = self._scale(name)
+        scale = self._expert_scales[name]
+        if scale is None:
+            return data
+        if scale.size == 1:
+            return data * scale.reshape(())
+        if scale.size == n_experts:
+            return data * scale.reshape(-1)[e]
+        raise CheckpointError(f"FP8 scale of {name} has shape {list(scale.shape)}; expected per-tensor or per-expert")
+
+    def leftovers(self) -> list[str]:
+        return sorted(n for n in self.by_norm if n not in self.used)
+
+
+def _expect(w: _Weights, name: str, shape: tuple[int, ...]) -> None:
+    got = w.shape(name)
+    if tuple(got) != tuple(shape):
+        raise ShapeError(
+            f"tensor {name} has shape {list(got)} but config.json implies {list(shape)}; "
+            "the config and the weights do not belong together"
+        )
+
+
+def plan(hp: TextHParams, source: SafetensorsSource) -> list[TensorJob]:
+    """Every text tensor of the GGUF, in llama.cpp's order, with shapes checked against the config."""
+    w = _Weights(source)
+    H, V = hp.hidden_size, hp.vocab_size
+    Nh, Lq, Lkv = hp.num_attention_heads, hp.q_lora_rank, hp.kv_lora_rank
+    Dn, Dr, Dv = hp.qk_nope_head_dim, hp.qk_rope_head_dim, hp.v_head_dim
+    E, F, S = hp.n_routed_experts, hp.moe_intermediate_size, hp.n_shared_experts
+    jobs: list[TensorJob] = []
+
+    def simple(gguf: str, hf: str, shape: tuple[int, ...], role: str, layer: int | None = None) -> None:
+        _expect(w, hf, shape)
+        jobs.append(TensorJob(gguf, shape, role, (hf,), lambda: iter((w.read(hf),)), layer))
+
+    def experts(gguf: str, hf: str, shape: tuple[int, ...], layer: int) -> None:
+        _expect(w, hf, shape)
+        jobs.append(TensorJob(gguf, shape, EXPERTS, (hf,),
+                              lambda: (w.read_expert(hf, e, shape[0]) for e in range(shape[0])), layer))
+
+    simple("token_embd.weight", "model.embed_tokens.weight", (V, H), EMBED)
+    for i in range(hp.num_hidden_layers):
+        p = f"model.layers.{i}."
+        b = f"blk.{i}."
+        simple(b + "attn_norm.weight", p + "input_layernorm.weight", (H,), NORM, i)
+        simple(b + "attn_q_a.weight", p + "self_attn.q_a_proj.weight", (Lq, H), ATTN, i)
+        simple(b + "attn_q_a_norm.weight", p + "self_attn.q_a_layernorm.weight", (Lq,), NORM, i)
+        simple(b + "attn_q_b.weight", p + "self_attn.q_b_proj.weight", (Nh * (Dn + Dr), Lq), ATTN, i)
+        simple(b + "attn_kv_a_mqa.weight", p + "self_attn.kv_a_proj_with_mqa.weight", (Lkv + Dr, H), ATTN, i)
+        simple(b + "attn_kv_a_norm.weight", p + "self_attn.kv_a_layernorm.weight", (Lkv,), NORM, i)
+        kv_b = p + "self_attn.kv_b_proj.weight"
+        _expect(w, kv_b, (Nh * (Dn + Dv), Lkv))
+
+        # MLA split (spec §2.3): rows are head-major, [k_nope Dn | value Dv] per head.
+        def k_b(kv_b: str = kv_b) -> Iterator[np.ndarray]:
+            heads = w.read(kv_b).reshape(Nh, Dn + Dv, Lkv)
+            yield np.ascontiguousarray(heads[:, :Dn, :].transpose(0, 2, 1))
+
+        def v_b(kv_b: str = kv_b) -> Iterator[np.ndarray]:
+            heads = w.read(kv_b).reshape(Nh, Dn + Dv, Lkv)
+            yield np.ascontiguousarray(heads[:, Dn:, :])
+
+        jobs.append(TensorJob(b + "attn_k_b.weight", (Nh, Lkv, Dn), ATTN, (kv_b,), k_b, i))
+        jobs.append(TensorJob(b + "attn_v_b.weight", (Nh, Dv, Lkv), ATTN, (kv_b,), v_b, i))
+        simple(b + "attn_output.weight", p + "self_attn.o_proj.weight", (H, Nh * Dv), ATTN, i)
+        simple(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", (H,), NORM, i)
+        if i < hp.first_k_dense_replace:
+            I = hp.intermediate_size
+            simple(b + "ffn_gate.weight", p + "mlp.gate_proj.weight", (I, H), DENSE, i)
+            simple(b + "ffn_down.weight", p + "mlp.down_proj.weight", (H, I), DENSE, i)
+            simple(b + "ffn_up.weight", p + "mlp.up_proj.weight", (I, H), DENSE, i)
+            continue
+        simple(b + "ffn_gate_inp.weight", p + "mlp.gate.weight", (E, H), ROUTER, i)
+        # Kept fused (gate rows first), as llama.cpp's converter writes it and the runtime reads it.
+        experts(b + "ffn_gate_up_exps.weight", p + "mlp.experts.gate_up_proj", (E, 2 * F, H), i)
+        experts(b + "ffn_down_exps.weight", p + "mlp.experts.down_proj", (E, H, F), i)
+        simple(b + "ffn_gate_shexp.weight", p + "mlp.shared_experts.gate_proj.weight", (F * S, H), SHEXP, i)
+        simple(b + "ffn_up_shexp.weight", p + "mlp.shared_experts.up_proj.weight", (F * S, H), SHEXP, i)
+        simple(b + "ffn_down_shexp.weight", p + "mlp.shared_experts.down_proj.weight", (H, F * S), SHEXP, i)
+    simple("output_norm.weight", "model.norm.weight", (H,), NORM)
+    if w.has("lm_head.weight") or not hp.tie_word_embeddings:
+        simple("output.weight", "lm_head.weight", (V, H), OUTPUT)
+
+    # Nothing may be left over: an unknown tensor means this is not the model we think it is,
+    # and silently dropping weights would produce a broken file.
+    left = [n for n in w.leftovers() if not _is_known_extra(n, hp)]
+    if left:
+        raise CheckpointError(
+            f"unexpected tensor {left[0]} in the checkpoint"
+            + (f" (and {len(left) - 1} more)" if len(left) > 1 else "")
+            + "; it does not look like a Mistral Small 4 checkpoint"
+        )
+    return jobs
+
+
+def _is_known_extra(name: str, hp: TextHParams) -> bool:
+    """Tensors that exist in real checkpoints but have no GGUF counterpart."""
+    if name.endswith(("activation_scale", "_scale_inv")):
+        return True  # scales of tensors consumed above (checked when read), or of tied lm_head
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return bool(m and int(m.group(1)) >= hp.num_hidden_layers)  # MTP / next-n layers are not supported at run time
+
+
+def add_metadata(writer: Any, hp: TextHParams) -> None:
+    """Arch keys of spec §3.1 plus the Llama-4 temperature pair and the gating function (§3.2–3.3)."""
+    import gguf
+
+    w = writer
+    w.add_context_length(hp.max_position_embeddings)
+    w.add_embedding_length(hp.hidden_size)
+    w.add_block_count(hp.num_hidden_layers)
+    if hp.intermediate_size:
+        w.add_feed_forward_length(hp.intermediate_size)
+    w.add_head_count(hp.num_attention_heads)
+    w.add_head_count_kv(1)  # MLA runs as MQA over the compressed latent
+    w.add_key_length(hp.kv_lora_rank + hp.qk_rope_head_dim)
+    w.add_value_length(hp.kv_lora_rank)
+    w.add_key_length_mla(hp.qk_nope_head_dim + hp.qk_rope_head_dim)
+    w.add_value_length_mla(hp.v_head_dim)
+    w.add_q_lora_rank(hp.q_lora_rank)
+    w.add_kv_lora_rank(hp.kv_lora_rank)
+    w.add_layer_norm_rms_eps(hp.rms_norm_eps)
+    w.add_rope_dimension_count(hp.qk_rope_head_dim)
+    w.add_rope_freq_base(hp.rope.theta)
+    r = hp.rope
+    if r.type == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(r.factor)
+        w.add_rope_scaling_orig_ctx_len(r.original_context)
+        w.add_rope_scaling_yarn_beta_fast(r.beta_fast)
+        w.add_rope_scaling_yarn_beta_slow(r.beta_slow)
+        if r.mscale_all_dim:
+            w.add_rope_scaling_yarn_log_mul(0.1 * r.mscale_all_dim)
+    if r.llama4_beta:
+        # Both or neither: the runtime asserts temperature_length != 0 when the scale is set.
+        w.add_attn_temperature_scale(r.llama4_beta)
+        w.add_attn_temperature_length(r.original_context or hp.max_position_embeddings)
+    w.add_expert_count(hp.n_routed_experts)
+    w.add_expert_used_count(hp.num_experts_per_tok)
+    if hp.n_group is not None and hp.topk_group is not None and hp.n_group < hp.n_routed_experts:
+        w.add_expert_group_count(hp.n_group)
+        w.add_expert_group_used_count(hp.topk_group)
+    w.add_expert_shared_count(hp.n_shared_experts)
+    w.add_expert_feed_forward_length(hp.moe_intermediate_size)
+    w.add_expert_weights_scale(hp.routed_scaling_factor)
+    if hp.norm_topk_prob:
+        w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_leading_dense_block_count(hp.first_k_dense_replace)
+    w.add_vocab_size(hp.vocab_size)
+
+
+def parameter_counts(jobs: list[TensorJob]) -> tuple[int, int, int]:
+    """(total, shared, routed-expert) parameter counts, for `general.size_label`."""
+    total = sum(j.n_elements for j in jobs)
+    routed = sum(j.n_elements for j in jobs if j.role == EXPERTS)
+    return total, total - routed, routed
