@@ -26,16 +26,27 @@ def human_bytes(n: float) -> str:
 
 @contextmanager
 def byte_progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
-    """A rich bar over bytes with throughput and ETA; yields the callback the library calls."""
+    """A rich bar over bytes with throughput and ETA; yields the callback the library calls.
+
+    The bar appears on the first callback, so a run that fails its checks prints only its error.
+    """
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("[dim]{task.fields[tensor]}"))
-    with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task(description, total=None, tensor="")
+    progress = Progress(*columns, console=err, transient=False)
+    task = None
 
-        def update(done: int, total: int, tensor: str) -> None:
-            progress.update(task, completed=done, total=total, tensor=tensor)
+    def update(done: int, total: int, tensor: str) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task(description, total=total, tensor="")
+        progress.update(task, completed=done, total=total, tensor=tensor)
 
+    try:
         yield update
+    finally:
+        if task is not None:
+            progress.stop()
 
 
 @contextmanager
