@@ -24,6 +24,7 @@ from .policy import Choice, choose, nbytes, parse_type
 from .quants import encode
 from .source import SafetensorsSource
 from .vocab import default_chat_template, load_chat_template, load_vocab
+from .errors import OutputError
 from .writer import OutTensor, Progress, check_output, write_gguf
 
 DEFAULT_MODELS_DIR = Path("models")
@@ -113,7 +114,11 @@ def convert(
         return result
 
     if out is None:
-        output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the models directory {output.parent}: {e.strerror or e}; "
+                              "set MS4LOCAL_MODELS or pass -o") from None
     check_output(output, force=force, needed_bytes=result.total_bytes)
 
     total, shared, routed = parameter_counts(jobs)

@@ -47,7 +47,7 @@ def _get(cfg: dict[str, Any], key: str, kind: type = int, default: Any = ..., al
         if kind is int and (isinstance(value, bool) or float(value) != int(value)):
             raise TypeError
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"config.json: '{key}' should be {kind.__name__}, got {value!r}") from None
 
 

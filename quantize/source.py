@@ -114,7 +114,7 @@ class SafetensorsSource:
         if index_path.exists():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
-                if not isinstance(weight_map, dict):
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise TypeError
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 raise CheckpointError(f"{INDEX_NAME} is malformed (no weight_map); re-download it") from None
