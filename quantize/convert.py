@@ -20,12 +20,12 @@ from . import arch as arch_registry
 from .arch.mistral4 import TensorJob, normalize, parameter_counts
 from .hparams import load_model_config
 from .hub import resolve_source
-from .policy import Choice, choose, nbytes, parse_type
-from .quants import encode
+from .policy import Choice, Policy, bpw, nbytes, parse_override, parse_type
+from .quants import Encoder
 from .source import SafetensorsSource
 from .vocab import default_chat_template, load_chat_template, load_vocab
 from .errors import OutputError
-from .writer import OutTensor, Progress, check_output, write_gguf
+from .writer import OutTensor, Progress, check_output, layout, prefetch, write_gguf
 
 DEFAULT_MODELS_DIR = Path("models")
 
@@ -51,10 +51,16 @@ class ConvertResult:
     chat_template_source: str
     written: bool = False
     metadata: dict[str, object] = field(default_factory=dict)
+    policy: str = "ms4local"
+    files: list[Path] = field(default_factory=list)  # the output files (several when split)
 
     @property
     def total_bytes(self) -> int:
         return sum(r.nbytes for r in self.rows)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.total_bytes / max(1, self.n_params)
 
     @property
     def n_params(self) -> int:
@@ -84,9 +90,26 @@ def convert(
     force: bool = False,
     dry_run: bool = False,
     progress: Progress | None = None,
+    policy: str = "ms4local",
+    tensor_types: list[str] | tuple[str, ...] = (),
+    threads: int | None = None,
+    split_max_tensors: int = 0,
+    split_max_size: int = 0,
 ) -> ConvertResult:
-    """Convert the text model of an HF checkpoint to a GGUF file (or only plan it with dry_run)."""
-    tensor_type, file_type = parse_type(out_type)
+    """Convert the text model of an HF checkpoint to a GGUF file (or only plan it with dry_run).
+
+    One pass: each tensor (or expert slice, or row block) is read, dequantized, quantized by ggml on
+    `threads` workers and written, with reading, quantizing and writing overlapped. A killed run of
+    the same command resumes (see writer.py)."""
+    ft = parse_type(out_type)
+    overrides = [parse_override(t) for t in tensor_types]
+    if split_max_tensors < 0 or split_max_size < 0:
+        raise OutputError("split limits must be positive")
+    if str(src).endswith(".gguf") and Path(src).is_file():
+        if split_max_tensors or split_max_size:
+            raise OutputError("--split-max-size/--split-max-tensors apply to checkpoint conversions; "
+                              "re-quantize to one file, or convert from the HF checkpoint to split")
+        return _requantize(Path(src), out, ft, policy, overrides, force, dry_run, progress, threads)
     directory, name = resolve_source(src)
     top, text = load_model_config(directory)
     module = arch_registry.detect(top, text)
@@ -100,7 +123,8 @@ def convert(
     if template is None:
         template, template_source = default_chat_template(), "ms4local default (checkpoint has none)"
 
-    choices: dict[str, Choice] = {j.name: choose(j, tensor_type) for j in jobs}
+    chooser = Policy(ft, policy, overrides, jobs, hp.num_hidden_layers, hp.n_routed_experts)
+    choices: dict[str, Choice] = {j.name: chooser.choose(j) for j in jobs}
     out_tensors = [OutTensor(j.name, j.shape, choices[j.name].type, nbytes(choices[j.name].type, j.shape)) for j in jobs]
     dtypes = {normalize(n): source.ref(n).dtype for n in source.names()}
     rows = [
@@ -108,18 +132,8 @@ def convert(
                 choices[j.name].type.name, choices[j.name].rule, o.nbytes)
         for j, o in zip(jobs, out_tensors)
     ]
-    output = Path(out) if out is not None else default_output(name, out_type)
-    result = ConvertResult(output, out_type.upper(), rows, name, template_source)
-    if dry_run:
-        return result
-
-    if out is None:
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create the models directory {output.parent}: {e.strerror or e}; "
-                              "set MS4LOCAL_MODELS or pass -o") from None
-    check_output(output, force=force, needed_bytes=result.total_bytes)
+    output = Path(out) if out is not None else default_output(name, ft.name)
+    result = ConvertResult(output, ft.name, rows, name, template_source, policy=policy)
 
     total, shared, routed = parameter_counts(jobs)
     size_label = gguf.size_label(total, shared, routed, hp.n_routed_experts)
@@ -130,18 +144,74 @@ def convert(
         w.add_basename(name)
         w.add_size_label(size_label)
         module.add_metadata(w, hp)
-        w.add_file_type(file_type)
+        w.add_file_type(ft.ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab.add_to(w)
         w.add_chat_template(template)
 
+    if dry_run:
+        shards = layout(output, module.ARCH, add_metadata, out_tensors,
+                        split_max_tensors=split_max_tensors, split_max_size=split_max_size)
+        result.files = [s.path for s in shards]
+        return result
+
+    if out is None:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the models directory {output.parent}: {e.strerror or e}; "
+                              "set MS4LOCAL_MODELS or pass -o") from None
     by_name = {j.name: j for j in jobs}
 
-    def data(t: OutTensor):
-        for chunk in by_name[t.name].chunks():
-            yield encode(chunk.astype(np.float32, copy=False), t.type)
+    with Encoder(threads) as encoder:
+        def data(pending: list[OutTensor]):
+            floats = prefetch(((t, c) for t in pending for c in by_name[t.name].chunks()), depth=2)
+            for t, chunk in floats:
+                yield t, encoder.encode(chunk.astype(np.float32, copy=False), t.type)
 
-    write_gguf(output, module.ARCH, add_metadata, out_tensors, data, progress)
+        result.files = write_gguf(output, module.ARCH, add_metadata, out_tensors, data, progress,
+                                  split_max_tensors=split_max_tensors, split_max_size=split_max_size,
+                                  fingerprint=_fingerprint(source, directory, policy), force=force)
     result.written = True
     return result
 
+
+def _fingerprint(source: SafetensorsSource, directory: Path, policy: str) -> str:
+    """What a resumed run must share with the killed one besides the header: the same source files."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("ms4local")
+    except PackageNotFoundError:
+        ours = "unknown"
+    parts = [f"ms4local {ours}", f"policy {policy}"]
+    for p in sorted(directory.iterdir()):
+        if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name.endswith(".index.json")):
+            st = p.stat()
+            parts.append(f"{p.name} {st.st_size} {st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+
+def _requantize(src: Path, out: str | os.PathLike[str] | None, ft, policy: str, overrides, force: bool,
+                dry_run: bool, progress: Progress | None, threads: int | None) -> ConvertResult:
+    """GGUF → GGUF through llama.cpp's own quantizer (see requant.py)."""
+    from . import requant
+
+    tensors, meta = requant.read_tensors(src)
+    choices = requant.plan(tensors, meta, ft, policy, overrides)
+    name = str(meta.get("general.basename") or meta.get("general.name") or src.stem)
+    rows = [PlanRow(t.name, tuple(reversed(t.shape)), t.type.name, choices[t.name].type.name, choices[t.name].rule,
+                    nbytes(choices[t.name].type, t.shape)) for t in tensors]
+    output = Path(out) if out is not None else default_output(name, ft.name)
+    result = ConvertResult(output, ft.name, rows, name, "kept from the source GGUF", policy=policy, files=[output])
+    if dry_run:
+        return result
+    if output.resolve() == src.resolve():
+        raise OutputError(f"output {output} is the input file; choose another -o")
+    if out is None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    check_output(output, force=force, needed_bytes=result.total_bytes)
+    requant.requantize(src, output, ft, policy, overrides, choices, threads, progress)
+    result.written = True
+    return result

@@ -212,6 +212,12 @@ class SafetensorsSource:
         step = math.prod(inner) * DTYPE_SIZES[ref.dtype]
         return decode(self.read_raw(name, index * step, step), ref.dtype, inner)
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor as float32, reading only their bytes."""
+        ref = self.ref(name)
+        row = math.prod(ref.shape[1:]) * DTYPE_SIZES[ref.dtype]
+        return decode(self.read_raw(name, start * row, (stop - start) * row), ref.dtype, (stop - start, *ref.shape[1:]))
+
     def scalar_or_vector(self, name: str) -> np.ndarray:
         """A small tensor (a scale) as float32, flattened."""
         return self.read(name).reshape(-1)

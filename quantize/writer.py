@@ -1,20 +1,34 @@
-"""Stream tensors into a GGUF file: header and metadata through gguf-py, data a chunk at a time.
+"""Stream tensors into a GGUF file (or a split set): resumable, never a partial file under the final name.
 
 gguf-py's `GGUFWriter` holds every tensor until `write_tensors_to_file`; for a 240 GB model we
-instead declare all tensor infos first (`add_tensor_info`), let it write header, KV and tensor
-infos, then append each tensor's data ourselves, chunk by chunk (one expert slice at a time),
-with the same alignment rule gguf-py uses for its offsets. The file is written as `OUT.part`,
-flushed and fsynced, and renamed only when complete, so the final name never holds a partial file.
+instead let it lay out the header, metadata and tensor infos (and the shards, with llama.cpp's
+`split.*` keys, when splitting) into memory, then append each tensor's data ourselves, chunk by
+chunk (one expert slice at a time), with gguf-py's alignment rule.
+
+Every file is written as `NAME.part`. After each tensor its data is fsynced and a line is
+appended to a journal (`FIRST.part.journal`: a fingerprint of the plan and source, then one line
+per finished tensor with its end offset and CRC). A run killed at any moment (SIGKILL included)
+leaves only `.part` files and the journal; the same command run again checks the header bytes,
+the fingerprint, the offsets and the CRC of the last finished tensor, truncates after it and goes
+on — or starts over when anything does not match. The output is byte-identical either way. Only a
+complete, fsynced set is renamed, the first shard (the one llama.cpp opens) last.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
+import json
 import os
+import queue
 import shutil
+import threading
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import gguf
 import numpy as np
@@ -22,6 +36,8 @@ import numpy as np
 from .errors import OutputError, QuantizeError
 
 Progress = Callable[[int, int, str], None]
+X = TypeVar("X")
+JOURNAL_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -34,8 +50,37 @@ class OutTensor:
     nbytes: int
 
 
+@dataclass
+class Shard:
+    """One output file: its final path, its tensors and its exact header bytes (padded to alignment)."""
+
+    path: Path
+    tensors: list[OutTensor]
+    header: bytes
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(_pad(t.nbytes) for t in self.tensors)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + self.data_bytes
+
+
 def part_path(path: Path) -> Path:
     return path.with_name(path.name + ".part")
+
+
+def journal_path(first: Path) -> Path:
+    return first.with_name(first.name + ".part.journal")
+
+
+def _pad(n: int, align: int = gguf.GGUF_DEFAULT_ALIGNMENT) -> int:
+    return (n + align - 1) // align * align
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_output(path: Path, *, force: bool, needed_bytes: int) -> None:
@@ -58,8 +103,157 @@ def check_output(path: Path, *, force: bool, needed_bytes: int) -> None:
         )
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+def layout(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None], tensors: list[OutTensor],
+           *, split_max_tensors: int = 0, split_max_size: int = 0) -> list[Shard]:
+    """The files to write: names (`-00001-of-0000N` when split), tensors per file and header bytes."""
+    writer = gguf.GGUFWriter(None, arch, split_max_tensors=split_max_tensors, split_max_size=split_max_size)
+    add_metadata(writer)
+    for t in tensors:
+        # A non-uint8 dtype with raw_dtype set keeps the logical shape as given.
+        np_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(t.type)
+        writer.add_tensor_info(t.name, t.shape, np.dtype(np_dtype or np.float32), t.nbytes,
+                               raw_dtype=None if np_dtype else t.type)
+    n = len(writer.tensors)
+    buffers = [io.BytesIO() for _ in range(n)]
+    # Write into memory instead of files: the same bytes gguf-py would put at the start of each file.
+    writer.path = Path(path)
+    writer.fout = buffers  # type: ignore[assignment]
+    writer.state = gguf.gguf_writer.WriterState.EMPTY
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    by_name = {t.name: t for t in tensors}
+    names = writer.format_shard_names(Path(path))
+    shards = []
+    for buf, name, infos in zip(buffers, names, writer.tensors):
+        head = buf.getvalue()
+        shards.append(Shard(Path(name), [by_name[k] for k in infos], head + b"\0" * (_pad(len(head)) - len(head))))
+    return shards
+
+
+def prefetch(items: Iterable[X], depth: int = 2) -> Iterator[X]:
+    """Run `items` in a background thread, `depth` items ahead, so producing and consuming overlap.
+
+    Exceptions in the producer are re-raised in the consumer; closing the consumer stops the producer.
+    """
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", e))
+
+    thread = threading.Thread(target=run, name="ms4local-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+class _Journal:
+    """The resume journal: a fingerprint line, then one line per fsynced tensor."""
+
+    def __init__(self, path: Path, shards: list[Shard], fingerprint: str) -> None:
+        self.path = path
+        self.shards = shards
+        h = hashlib.sha256(fingerprint.encode())
+        for s in shards:
+            h.update(s.header)
+        self.fingerprint = h.hexdigest()
+        self.f: io.BufferedWriter | None = None
+
+    def start(self) -> None:
+        self.f = open(self.path, "wb")
+        head = {"version": JOURNAL_VERSION, "fingerprint": self.fingerprint, "files": [s.path.name for s in self.shards]}
+        self._append(head)
+
+    def reopen(self) -> None:
+        self.f = open(self.path, "ab")
+
+    def done(self, shard: int, name: str, end: int, crc: int) -> None:
+        self._append({"shard": shard, "tensor": name, "end": end, "crc": crc})
+
+    def _append(self, obj: dict[str, Any]) -> None:
+        assert self.f is not None
+        self.f.write((json.dumps(obj) + "\n").encode())
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+    def completed(self) -> int:
+        """How many tensors (in write order) a previous run finished and we can trust; 0 to start over."""
+        try:
+            lines = self.path.read_bytes().split(b"\n")
+            head = json.loads(lines[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        if head.get("version") != JOURNAL_VERSION or head.get("fingerprint") != self.fingerprint:
+            return 0
+        entries = []
+        for line in lines[1:]:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                break  # a torn last line: the tensor before it is the last one we know is on disk
+        order = [(i, t, len(s.header) + sum(_pad(u.nbytes) for u in s.tensors[: k + 1]))
+                 for i, s in enumerate(self.shards) for k, t in enumerate(s.tensors)]
+        n = 0
+        for e, (i, t, end) in zip(entries, order):
+            if e.get("shard") != i or e.get("tensor") != t.name or e.get("end") != end:
+                return 0
+            n += 1
+        if n == 0:
+            return 0
+        for s in self.shards:
+            part = part_path(s.path)
+            try:
+                with open(part, "rb") as f:
+                    if f.read(len(s.header)) != s.header:
+                        return 0
+            except OSError:
+                return 0
+        i, t, end = order[n - 1]
+        part = part_path(self.shards[i].path)
+        try:
+            with open(part, "rb") as f:
+                f.seek(end - _pad(t.nbytes))
+                crc, left = 0, t.nbytes
+                while left:
+                    block = f.read(min(left, 64 << 20))
+                    if not block:
+                        return 0
+                    crc = zlib.crc32(block, crc)
+                    left -= len(block)
+        except OSError:
+            return 0
+        return n if crc == entries[n - 1].get("crc") else 0
 
 
 def write_gguf(
@@ -67,65 +261,130 @@ def write_gguf(
     arch: str,
     add_metadata: Callable[[gguf.GGUFWriter], None],
     tensors: list[OutTensor],
-    data: Callable[[OutTensor], Iterable[np.ndarray]],
+    data: Callable[[list[OutTensor]], Iterable[tuple[OutTensor, np.ndarray]]],
     progress: Progress | None = None,
-) -> None:
-    """Write a complete GGUF at `path` (via `path.part`); remove the partial file on any failure."""
-    path = Path(path)
-    tmp = part_path(path)
-    writer = gguf.GGUFWriter(None, arch)
-    add_metadata(writer)
-    for t in tensors:
-        # A non-uint8 dtype with raw_dtype set keeps the logical shape as given.
-        np_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(t.type)
-        writer.add_tensor_info(t.name, t.shape, np.dtype(np_dtype or np.float32), t.nbytes,
-                               raw_dtype=None if np_dtype else t.type)
-    total = sum(t.nbytes for t in tensors)
-    done = 0
+    *,
+    split_max_tensors: int = 0,
+    split_max_size: int = 0,
+    fingerprint: str = "",
+    force: bool = False,
+) -> list[Path]:
+    """Write a complete GGUF (or split set) at `path`, resuming a killed run of the same plan.
+
+    `data(pending)` yields (tensor, encoded chunk) for the pending tensors, in order. A
+    KeyboardInterrupt keeps the `.part` files and journal for the next run; any other failure
+    removes them. Returns the final paths.
+    """
+    shards = layout(Path(path), arch, add_metadata, tensors,
+                    split_max_tensors=split_max_tensors, split_max_size=split_max_size)
+    journal = _Journal(journal_path(shards[0].path), shards, fingerprint)
+    done = journal.completed()
+    existing = sum(part_path(s.path).stat().st_size for s in shards if part_path(s.path).exists()) if done else 0
+    for s in shards:
+        check_output(s.path, force=force, needed_bytes=max(0, sum(x.size for x in shards) - existing))
+    order = [(i, t) for i, s in enumerate(shards) for t in s.tensors]
+    total = sum(t.nbytes for _, t in order)
+    files: list[io.BufferedRandom] = []
     try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        fout = writer.fout[0]
-        writer.write_padding(fout, fout.tell())
-        for t in tensors:
-            written = 0
-            for chunk in _chunks(data(t)):
-                fout.write(memoryview(chunk).cast("B"))
-                written += chunk.nbytes
-                done += chunk.nbytes
-                if progress:
-                    progress(done, total, t.name)
-            if written != t.nbytes:
-                raise QuantizeError(f"internal error: {t.name} produced {written} bytes, expected {t.nbytes}")
-            writer.write_padding(fout, written)
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if done:
+            journal.reopen()
+            offsets = _resume_offsets(shards, done)
+            for s, size in zip(shards, offsets):
+                f = open(part_path(s.path), "r+b")
+                f.truncate(size)
+                f.seek(size)
+                files.append(f)
+        else:
+            journal.path.unlink(missing_ok=True)
+            for s in shards:
+                f = open(part_path(s.path), "w+b")
+                f.write(s.header)
+                f.flush()
+                os.fsync(f.fileno())
+                files.append(f)
+            journal.start()
+        written = sum(t.nbytes for _, t in order[:done])
+        pending = order[done:]
+        shard_of = {t.name: i for i, t in pending}
+        current: OutTensor | None = None
+        got = crc = finished = 0
+        for t, chunk in prefetch(data([t for _, t in pending]), depth=2):
+            if current is not None and t.name != current.name:
+                _finish(files[shard_of[current.name]], journal, shard_of[current.name], current, got, crc)
+                got = crc = 0
+                finished += 1
+            current = t
+            view = memoryview(np.ascontiguousarray(chunk)).cast("B")
+            files[shard_of[t.name]].write(view)
+            crc = zlib.crc32(view, crc)
+            got += len(view)
+            written += len(view)
+            if progress:
+                progress(written, total, t.name)
+        if current is not None:
+            _finish(files[shard_of[current.name]], journal, shard_of[current.name], current, got, crc)
+            finished += 1
+        if finished != len(pending):
+            raise QuantizeError(f"internal error: {finished} of {len(pending)} tensors were produced")
+        for f in files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        journal.close()
+        # The first shard last: llama.cpp opens the set from it, so it appears only when all are there.
+        for s in reversed(shards):
+            os.replace(part_path(s.path), s.path)
+        journal.path.unlink(missing_ok=True)
+        _fsync_dir(shards[0].path.parent)
+        return [s.path for s in shards]
+    except KeyboardInterrupt:
+        _close(files, journal)
+        raise
     except OSError as e:
-        _discard(writer, tmp)
+        _close(files, journal)
+        _discard(shards, journal)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"disk full while writing {path.name}; free some space or choose another -o") from None
+            raise OutputError(f"disk full while writing {shards[0].path.name}; free some space or choose another -o") from None
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
-        _discard(writer, tmp)
+        _close(files, journal)
+        _discard(shards, journal)
         raise
 
 
-def _chunks(items: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    for item in items:
-        yield np.ascontiguousarray(item)
+def _finish(f: io.BufferedRandom, journal: _Journal, shard: int, t: OutTensor, got: int, crc: int) -> None:
+    if got != t.nbytes:
+        raise QuantizeError(f"internal error: {t.name} produced {got} bytes, expected {t.nbytes}")
+    f.write(b"\0" * (_pad(got) - got))
+    f.flush()
+    os.fsync(f.fileno())
+    journal.done(shard, t.name, f.tell(), crc)
 
 
-def _discard(writer: gguf.GGUFWriter, tmp: Path) -> None:
-    try:
-        writer.close()
-    except OSError:
-        pass
-    tmp.unlink(missing_ok=True)
+def _resume_offsets(shards: list[Shard], done: int) -> list[int]:
+    """The length each part file must be truncated to after `done` finished tensors."""
+    sizes = []
+    left = done
+    for s in shards:
+        k = min(left, len(s.tensors))
+        sizes.append(len(s.header) + sum(_pad(t.nbytes) for t in s.tensors[:k]))
+        left -= k
+    return sizes
+
+
+def _close(files: list[io.BufferedRandom], journal: _Journal) -> None:
+    for f in files:
+        try:
+            f.close()
+        except OSError:
+            pass
+    journal.close()
+
+
+def _discard(shards: list[Shard], journal: _Journal) -> None:
+    for s in shards:
+        part_path(s.path).unlink(missing_ok=True)
+    journal.path.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -336,7 +336,7 @@ def test_not_enough_disk_space_is_refused_up_front(work, monkeypatch):
         return open(*a, **k)
 
     monkeypatch.setattr(quantize.writer.shutil, "disk_usage", little_space)
-    monkeypatch.setattr(gguf.gguf_writer, "open", recording_open, raising=False)
+    monkeypatch.setattr(quantize.writer, "open", recording_open, raising=False)
     expect(*work, OutputError, "not enough disk space", str(work[1]), "the output needs",
            "free some space or choose another -o")
     assert asked == [work[1]]
@@ -373,12 +373,14 @@ def filling_disk(monkeypatch):
         disk = type("Disk", (_FillingDisk,), {"budget": budget, "err": err, "hits": 0})
 
         def fake_open(file, mode="r", *a, **k):
-            assert mode == "wb", mode
-            return io.BufferedWriter(disk(file, "wb"))
+            if mode == "rb":
+                return open(file, mode, *a, **k)
+            raw = disk(file, mode.replace("b", ""))
+            return io.BufferedRandom(raw) if "+" in mode else io.BufferedWriter(raw)
 
-        # gguf_writer opens its output with the builtin `open`; a module global shadows it for that
-        # module only, so the converter and gguf run unchanged and only the "disk" is simulated.
-        monkeypatch.setattr(gguf.gguf_writer, "open", fake_open, raising=False)
+        # The writer opens its output with the builtin `open`; a module global shadows it for that
+        # module only, so the converter runs unchanged and only the "disk" is simulated.
+        monkeypatch.setattr(quantize.writer, "open", fake_open, raising=False)
         return disk
 
     return install
@@ -415,7 +417,9 @@ def test_disk_full_with_force_keeps_the_old_file(work, good_size, filling_disk):
     assert [p.name for p in out_dir.iterdir()] == ["m.gguf"]
 
 
-def test_interrupt_leaves_nothing(work):
+def test_interrupt_keeps_only_the_resumable_part(work):
+    """Ctrl-C leaves nothing under the final name, only the `.part` file and its journal; the same
+    command then resumes and the result is byte-identical to an uninterrupted run."""
     src, out_dir = work
     seen = []
 
@@ -427,10 +431,13 @@ def test_interrupt_leaves_nothing(work):
     with pytest.raises(KeyboardInterrupt):
         convert(src, out=out_dir / "m.gguf", out_type="F16", progress=interrupt)
     assert len(seen) > 1 and seen[-1][0] < seen[-1][1], "the interrupt did not come part-way"
-    assert list(out_dir.iterdir()) == []
-    # And the next run starts from scratch and completes.
-    assert convert(src, out=out_dir / "m.gguf", out_type="F16").written
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.gguf.part", "m.gguf.part.journal"]
+    resumed = []
+    assert convert(src, out=out_dir / "m.gguf", out_type="F16", progress=lambda d, t, n: resumed.append(d)).written
     assert [p.name for p in out_dir.iterdir()] == ["m.gguf"]
+    assert resumed[0] > seen[-1][0] // 2, "the second run did not resume"
+    convert(src, out=out_dir / "clean.gguf", out_type="F16")
+    assert (out_dir / "m.gguf").read_bytes() == (out_dir / "clean.gguf").read_bytes()
 
 
 def test_stale_part_file_does_not_block_a_new_run(work):

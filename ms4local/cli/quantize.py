@@ -1,36 +1,65 @@
-"""`ms4local quantize`: HF checkpoint → GGUF. Declares options, hands off to `quantize.convert`."""
+"""`ms4local quantize`: HF checkpoint (or a GGUF) → GGUF. Declares options, hands off to `quantize.convert`."""
 
 from __future__ import annotations
 
+import resource
+import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 import quantize as converter
-from quantize.policy import OUTPUT_TYPES
+from quantize.policy import FILE_TYPES, POLICIES
+from quantize.units import parse_size
 
 from .. import ui
 from .errors import handle_errors
 
-TYPES = list(OUTPUT_TYPES)
+TYPES = list(FILE_TYPES)
 
 
 @handle_errors
 def quantize(
-    src: Annotated[str, typer.Argument(help="Checkpoint directory, or a Hugging Face repo id in the local HF cache.",
-                                       show_default=False)],
+    src: Annotated[str, typer.Argument(help="Checkpoint directory, a Hugging Face repo id in the local HF cache, "
+                                            "or a .gguf file to re-quantize.", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: models/<Name>-<TYPE>.gguf).")] = None,
     out_type: Annotated[str, typer.Option("--type", help=f"Output type: {', '.join(TYPES)}.")] = "Q8_0",
+    policy: Annotated[str, typer.Option("--policy", help="Tensor mix: ms4local (MoE-aware, default) or llama "
+                                                         "(exactly llama-quantize's).")] = "ms4local",
+    tensor_type: Annotated[Optional[list[str]], typer.Option(
+        "--tensor-type", help="REGEX=TYPE, repeatable (llama-quantize's syntax; the first match wins).")] = None,
+    threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="Quantizer threads (default: all cores).")] = None,
+    split_max_size: Annotated[Optional[str], typer.Option(
+        "--split-max-size", help="Split into files of at most this size (e.g. 50G, 500M).")] = None,
+    split_max_tensors: Annotated[int, typer.Option("--split-max-tensors", help="Split into files of at most N tensors.")] = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
-    """Convert a Mistral Small 4 checkpoint (FP8/BF16/F16/F32 safetensors) to GGUF."""
+    """Convert a Mistral Small 4 checkpoint (FP8/BF16/F16/F32 safetensors) to GGUF, in one pass.
+
+    A killed run resumes when the same command is run again."""
+    kwargs = dict(out=output, out_type=out_type, policy=policy, tensor_types=tensor_type or [], threads=threads,
+                  split_max_tensors=split_max_tensors, split_max_size=parse_size(split_max_size) if split_max_size else 0)
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
     if dry_run:
-        plan = converter.convert(src, out=output, out_type=out_type, dry_run=True)
-        ui.out.print(ui.plan_table(plan.rows, plan.total_bytes, plan.n_params, f"{plan.name} → {plan.output} ({plan.out_type})"))
+        plan = converter.convert(src, dry_run=True, **kwargs)
+        files = ", ".join(str(f) for f in plan.files)
+        ui.out.print(ui.plan_table(plan.rows, plan.total_bytes, plan.n_params,
+                                   f"{plan.name} → {files} ({plan.out_type}, policy {plan.policy})"))
         return
-    with ui.byte_progress(f"{out_type.upper()}") as progress:
-        result = converter.convert(src, out=output, out_type=out_type, force=force, progress=progress)
-    ui.err.print(f"wrote [bold]{result.output}[/] ({ui.human_bytes(result.total_bytes)}, "
-                 f"{8 * result.total_bytes / max(result.n_params, 1):.2f} bpw; chat template: {result.chat_template_source})")
+    start = time.monotonic()
+    try:
+        with ui.byte_progress(out_type.upper()) as progress:
+            result = converter.convert(src, force=force, progress=progress, **kwargs)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last complete tensor", file=sys.stderr)
+        raise
+    elapsed = time.monotonic() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    files = ", ".join(str(f) for f in result.files)
+    ui.err.print(f"wrote [bold]{files}[/] ({ui.human_bytes(result.total_bytes)}, {result.bits_per_weight:.2f} bpw, "
+                 f"policy {result.policy}) in {elapsed:.1f} s, peak memory {ui.human_bytes(peak)}; "
+                 f"chat template: {result.chat_template_source}")

@@ -32,6 +32,7 @@ NORM, ROUTER, EMBED, OUTPUT, ATTN, SHEXP, EXPERTS, DENSE = (
 
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+ROW_BLOCK_BYTES = 64 << 20  # float32 bytes per chunk of a large 2-D tensor
 
 
 @dataclass
@@ -122,6 +123,34 @@ class _Weights:
             return data * full
         raise CheckpointError(f"FP8 scale of {name} has shape {list(scale.shape)}, which this converter cannot apply")
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a 2-D tensor as float32, dequantized like `read`."""
+        ref = self.ref(name)
+        data = self.source.read_rows(self.by_norm[name], start, stop)
+        scale = self._scale(name)
+        if scale is None:
+            return data
+        if scale.size == 1:
+            return data * scale.reshape(())
+        if scale.ndim == 2:
+            b0 = -(-ref.shape[0] // scale.shape[0])
+            b1 = -(-ref.shape[1] // scale.shape[1])
+            rows = np.repeat(scale[start // b0: -(-stop // b0)], b0, axis=0)[start - start // b0 * b0:][: stop - start]
+            return data * np.repeat(rows, b1, axis=1)[:, : ref.shape[1]]
+        raise CheckpointError(f"FP8 scale of {name} has shape {list(scale.shape)}, which this converter cannot apply")
+
+    def chunks(self, name: str) -> Iterator[np.ndarray]:
+        """A 2-D tensor in row blocks of at most ROW_BLOCK_BYTES of float32 (the 2 GB embeddings of the
+        real model are never held whole), or the whole tensor when it is small."""
+        shape = self.shape(name)
+        row_bytes = 4 * (shape[1] if len(shape) == 2 else 0)
+        if len(shape) != 2 or shape[0] * row_bytes <= ROW_BLOCK_BYTES:
+            yield self.read(name)
+            return
+        step = max(1, ROW_BLOCK_BYTES // row_bytes)
+        for start in range(0, shape[0], step):
+            yield self.read_rows(name, start, min(shape[0], start + step))
+
     def read_expert(self, name: str, e: int, n_experts: int) -> np.ndarray:
         """Expert `e` of a stacked [E, rows, cols] tensor, dequantized with its per-expert scale."""
         self.ref(name)
@@ -161,7 +190,7 @@ def plan(hp: TextHParams, source: SafetensorsSource) -> list[TensorJob]:
 
     def simple(gguf: str, hf: str, shape: tuple[int, ...], role: str, layer: int | None = None) -> None:
         _expect(w, hf, shape)
-        jobs.append(TensorJob(gguf, shape, role, (hf,), lambda: iter((w.read(hf),)), layer))
+        jobs.append(TensorJob(gguf, shape, role, (hf,), lambda: w.chunks(hf), layer))
 
     def experts(gguf: str, hf: str, shape: tuple[int, ...], layer: int) -> None:
         _expect(w, hf, shape)
