@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import typer
 
 from quantize.errors import QuantizeError, UnsupportedTypeError
+from quantize.units import SizeError
 
 from ..errors import Ms4localError
 
@@ -23,6 +24,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # (exception type, exit code); the first match wins. 2 is for usage errors, as in click.
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (UnsupportedTypeError, 2),
+    (SizeError, 2),
     (QuantizeError, 1),
     (Ms4localError, 1),
 ]

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 import quantize as converter
-from quantize.policy import FILE_TYPES, POLICIES
+from quantize.policy import FILE_TYPES
 from quantize.units import parse_size
 
 from .. import ui
@@ -42,8 +42,6 @@ def quantize(
     A killed run resumes when the same command is run again."""
     kwargs = dict(out=output, out_type=out_type, policy=policy, tensor_types=tensor_type or [], threads=threads,
                   split_max_tensors=split_max_tensors, split_max_size=parse_size(split_max_size) if split_max_size else 0)
-    if policy not in POLICIES:
-        raise typer.BadParameter(f"choose one of {', '.join(POLICIES)}", param_hint="--policy")
     if dry_run:
         plan = converter.convert(src, dry_run=True, **kwargs)
         files = ", ".join(str(f) for f in plan.files)
