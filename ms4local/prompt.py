@@ -3,11 +3,17 @@
 Rendered the way Hugging Face renders chat templates (trim_blocks, lstrip_blocks, a
 `raise_exception` helper, `tojson` without HTML escaping), so a template written for HF gives
 the same text here.
+
+One step of mistral-common's request normalisation cannot be written in Jinja: tool-call
+arguments are parsed and dumped again (`{"a":1}` becomes `{"a": 1}`, `1e3` becomes `1000.0`,
+text that is not JSON becomes a JSON string). `render` does it before the template runs, so
+that the prompt is the one Mistral's own tokenizer produces (tests/test_template_parity.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -34,6 +40,42 @@ def _compile(template: str):
         raise PromptError(f"the model's chat template does not compile: {e}") from None
 
 
+def canonical_arguments(arguments: Any) -> str:
+    """Tool-call arguments as mistral-common writes them after `[ARGS]`.
+
+    mistral-common's v15 normaliser and encoder do `json.dumps(json.loads(args))` (with
+    `ensure_ascii=False`, default separators), fall back to the raw text when it is not JSON and
+    then dump that as a JSON *string*; empty arguments are `{}`. A dict is dumped directly.
+    """
+    if arguments is None or arguments == "":
+        value: Any = {}
+    elif isinstance(arguments, str):
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError:
+            value = arguments
+    else:
+        value = arguments
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _with_canonical_tool_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the messages whose tool calls carry `canonical_arguments` (inputs untouched)."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if isinstance(calls, list) and calls:
+            fixed = []
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    call = {**call, "function": {**fn, "arguments": canonical_arguments(fn.get("arguments"))}}
+                fixed.append(call)
+            m = {**m, "tool_calls": fixed}
+        out.append(m)
+    return out
+
+
 def render(
     template: str,
     messages: list[dict[str, Any]],
@@ -43,15 +85,56 @@ def render(
     bos_token: str = "<s>",
     eos_token: str = "</s>",
 ) -> str:
-    """The prompt text for a conversation (generation starts right after it)."""
+    """The prompt text for a conversation (generation starts right after it).
+
+    Tool-call arguments are made canonical first (`canonical_arguments`); everything else is
+    the template's job.
+    """
     if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
         raise PromptError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}")
     try:
         return _compile(template).render(
-            messages=messages, tools=tools, reasoning_effort=reasoning_effort,
+            messages=_with_canonical_tool_calls(messages), tools=tools, reasoning_effort=reasoning_effort,
             bos_token=bos_token, eos_token=eos_token, add_generation_prompt=True,
         )
     except PromptError:
         raise
     except TemplateError as e:
         raise PromptError(f"the chat template failed: {e}") from None
+
+
+def _read_json(path: str | os.PathLike[str], what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise PromptError(f"cannot read the {what} file {os.fspath(path)}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise PromptError(f"the {what} file {os.fspath(path)} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise PromptError(f"the {what} file {os.fspath(path)} is not valid JSON: {e.msg} "
+                          f"(line {e.lineno}, column {e.colno})") from None
+
+
+def load_conversation(messages_path: str | os.PathLike[str], tools_path: str | os.PathLike[str] | None = None,
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Messages and tools from JSON files, shaped as in an OpenAI chat-completions request.
+
+    The messages file holds a list of messages, or a request-like object with "messages" (and
+    optionally "tools"), so a saved request body works as is; a separate tools file (a list)
+    takes precedence. Only the shape is checked here; the chat template judges the content.
+    """
+    data = _read_json(messages_path, "messages")
+    tools = None
+    if isinstance(data, dict) and "messages" in data:
+        tools = data.get("tools")
+        data = data["messages"]
+    if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in data):
+        raise PromptError(f"{os.fspath(messages_path)} must hold a list of messages (objects with a \"role\"), "
+                          "or an object with \"messages\"")
+    if tools_path is not None:
+        tools = _read_json(tools_path, "tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        where = os.fspath(tools_path) if tools_path is not None else f"\"tools\" in {os.fspath(messages_path)}"
+        raise PromptError(f"{where} must be a list of tool definitions (objects)")
+    return data, tools

@@ -1,0 +1,115 @@
+"""`ms4local tokenize`, run as a user runs it: TEXT mode, --messages mode, one-line errors.
+
+The ids of --messages mode are checked against mistral-common in test_template_parity.py; here
+the CLI must print what the library's `Engine.prompt_tokens` evaluates, and fail cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from conftest import BIN
+
+from ms4local import Engine, EngineOptions
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call00001", "content": "21 C"},
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def run(args, env):
+    return subprocess.run([str(BIN / "ms4local"), "tokenize", *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def one_line_error(p, code):
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model(ckpt, gguf_file):
+    return gguf_file(ckpt(), "F16")
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "messages.json").write_text(json.dumps(MESSAGES))
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    (tmp_path / "request.json").write_text(json.dumps({"model": "x", "messages": MESSAGES, "tools": TOOLS}))
+    return tmp_path
+
+
+def test_messages_json_is_what_the_engine_evaluates(model, files, cli_env):
+    p = run([model, "--messages", files / "messages.json", "--tools", files / "tools.json",
+             "--reasoning-effort", "high", "--json"], cli_env)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    with Engine(model, EngineOptions(vocab_only=True)) as e:
+        assert data["ids"] == e.prompt_tokens(MESSAGES, reasoning_effort="high", tools=TOOLS)
+        assert data["prompt"] == e.render(MESSAGES, reasoning_effort="high", tools=TOOLS)
+    assert data["pieces"][:2] == ["<s>", "[SYSTEM_PROMPT]"]
+    assert '{"reasoning_effort": "high"}' in data["prompt"] and '[ARGS]{"city": "Paris"}' in data["prompt"]
+
+
+def test_request_object_file_gives_the_same_ids(model, files, cli_env):
+    a = run([model, "--messages", files / "messages.json", "--tools", files / "tools.json", "--json"], cli_env)
+    b = run([model, "--messages", files / "request.json", "--json"], cli_env)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["ids"] == json.loads(b.stdout)["ids"]
+    assert "[AVAILABLE_TOOLS]" in json.loads(b.stdout)["prompt"]
+
+
+def test_messages_plain_output_lists_pieces(model, files, cli_env):
+    p = run([model, "--messages", files / "messages.json"], cli_env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ["1", "->", "'<s>'"] and any("'[TOOL_RESULTS]'" in line for line in lines)
+
+
+def test_text_mode_still_works(model, cli_env):
+    p = run([model, "[INST]Hi[/INST]"], cli_env)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ["1", "->", "'<s>'"] and lines[1].split() == ["3", "->", "'[INST]'"]
+    assert lines[-1].split() == ["4", "->", "'[/INST]'"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"role": "user", "content": "hi"', "is not valid JSON"),
+    ('{"role": "user"}', "must hold a list of messages"),
+    ('["hi"]', "must hold a list of messages"),
+    ('{"messages": [{"role": "user", "content": "x"}], "tools": {"a": 1}}', "must be a list of tool definitions"),
+    ('[{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "a", "content": "r"}]', 'role "tool" cannot follow role "user"'),
+])
+def test_bad_conversation_file_is_one_line(model, tmp_path, cli_env, content, message):
+    (tmp_path / "m.json").write_text(content)
+    assert message in one_line_error(run([model, "--messages", tmp_path / "m.json"], cli_env), 1)
+
+
+def test_missing_or_bad_tools_file_is_one_line(model, files, tmp_path, cli_env):
+    assert "cannot read" in one_line_error(run([model, "--messages", tmp_path / "nope.json"], cli_env), 1)
+    (tmp_path / "t.json").write_text("[{,}]")
+    err = one_line_error(run([model, "--messages", files / "messages.json", "--tools", tmp_path / "t.json"], cli_env), 1)
+    assert "tools file" in err and "not valid JSON" in err
+
+
+@pytest.mark.parametrize("args", [
+    [],                                             # neither TEXT nor --messages
+    ["text", "--messages", "m.json"],               # both
+    ["text", "--tools", "t.json"],                  # tools without a conversation
+    ["text", "--reasoning-effort", "high"],         # effort without a conversation
+    ["--messages", "m.json", "--reasoning-effort", "medium"],
+])
+def test_usage_errors_exit_2(model, cli_env, tmp_path, args):
+    one_line_error(run([model, *args], cli_env), 2)
