@@ -87,8 +87,9 @@ def v15_tekken(vocab_size: int = FULL_VOCAB) -> dict:
     data["vocab"] = data["vocab"][:inner]
     data["config"].update(version="v15", default_vocab_size=vocab_size, num_vocab_tokens=inner,
                           default_num_special_tokens=N_SPECIAL)
+    # Every rank listed, as real tekken files do: mistral-common names special i by position i.
     data["special_tokens"] = [
-        {"rank": r, "token_str": s, "is_control": True} for r, s in sorted(V15_SPECIALS.items())
+        {"rank": r, "token_str": V15_SPECIALS.get(r, f"<SPECIAL_{r}>"), "is_control": True} for r in range(N_SPECIAL)
     ]
     data["model_settings_builder"] = {
         "reasoning_effort": {"type": "enum", "accepts_none": True, "values": ["none", "high"], "default": "none"}
