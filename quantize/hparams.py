@@ -95,6 +95,7 @@ class TextHParams:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    num_nextn_predict_layers: int = 0  # multi-token-prediction layers stored after the main ones
 
     @property
     def qk_head_dim(self) -> int:
@@ -169,6 +170,7 @@ def text_hparams(cfg: dict[str, Any], top: dict[str, Any] | None = None) -> Text
         bos_token_id=_get(cfg, "bos_token_id", default=_get(top, "bos_token_id", default=None)),
         eos_token_id=_get(cfg, "eos_token_id", default=_get(top, "eos_token_id", default=None)),
         pad_token_id=_get(cfg, "pad_token_id", default=_get(top, "pad_token_id", default=None)),
+        num_nextn_predict_layers=_get(cfg, "num_nextn_predict_layers", default=0) or 0,
     )
     _validate(hp)
     return hp

@@ -495,3 +495,17 @@ def test_cli_models_dir_under_a_regular_file(ckpt, cli_env, tmp_path):
     blocker.write_text("x")
     p = run_cli(["quantize", ckpt(), "--type", "F16"], dict(cli_env, MS4LOCAL_MODELS=str(blocker / "models")))
     assert_one_line(p, 1, str(blocker))
+
+
+# --- layers the config does not declare ------------------------------------------------------------
+
+def test_config_with_fewer_layers_than_the_weights_is_refused(work):
+    # Converting anyway would silently drop the last layer and give a broken model.
+    edit_config(work[0], set_text(num_hidden_layers=1))
+    expect(*work, CheckpointError, "unexpected tensor model.layers.1.", "does not look like a Mistral Small 4 checkpoint")
+
+
+def test_declared_next_n_prediction_layers_are_skipped(work):
+    edit_config(work[0], set_text(num_hidden_layers=1, num_nextn_predict_layers=1))
+    res = convert(work[0], out=work[1] / "m.gguf", out_type="F16")
+    assert not any(r.name.startswith("blk.1.") for r in res.rows)

@@ -257,7 +257,11 @@ def _is_known_extra(name: str, hp: TextHParams) -> bool:
     if name.endswith(("activation_scale", "_scale_inv")):
         return True  # scales of tensors consumed above (checked when read), or of tied lm_head
     m = re.match(r"model\.layers\.(\d+)\.", name)
-    return bool(m and int(m.group(1)) >= hp.num_hidden_layers)  # MTP / next-n layers are not supported at run time
+    # Multi-token-prediction layers (declared by num_nextn_predict_layers) are not used at run time.
+    # Any other layer past num_hidden_layers means the config and the weights disagree: converting
+    # anyway would silently drop layers and give a broken model.
+    n = hp.num_hidden_layers
+    return bool(m and n <= int(m.group(1)) < n + hp.num_nextn_predict_layers)
 
 
 def add_metadata(writer: Any, hp: TextHParams) -> None:
