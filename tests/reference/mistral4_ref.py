@@ -10,6 +10,25 @@ no code with the converter: it parses safetensors itself and decodes BF16 and FP
   Llama-4 query scaling q · (1 + β·ln(1 + ⌊pos / original_max_position_embeddings⌋));
 - MoE: softmax router, top-k, renormalised when norm_topk_prob, × routed_scaling_factor, SwiGLU
   experts (gate rows first in gate_up_proj) + the shared expert; dense lead layers a plain SwiGLU.
+
+`forward(..., f16_matmuls=True)` is a second oracle, for F16 GGUF files. It computes the same
+model the way ggml's CPU backend runs an F16 file on x86, so that its distance to llama.cpp no
+longer includes the runtime's F16 roundings. The rounding points below come from the upstream
+ggml / llama.cpp source and were confirmed one tensor role at a time against the vendored build
+(numbers in test_numerics.py). Values are rounded to F16 at:
+- every matrix the converter stores as F16, which is all of them except the router `mlp.gate`
+  (kept F32). On an F16 checkpoint this rounding changes nothing;
+- the activation operand of every mat-mul with such a weight. For an F16 `src0`, the CPU mul_mat
+  and mul_mat_id convert `src1` to the weight's `vec_dot_type`, which for F16 is F16; on x86,
+  llamafile's tinyBLAS also takes F16 weights only with F16 activations. The products are then
+  summed in F32. mistral4 flags the expert down mat-mul for F32 precision (spec §7.5), but the CPU
+  backend ignores that flag, so the expert down input is rounded too.
+Values are not rounded at the token-embedding lookup (get_rows F16 → F32 is exact), the norms, the
+router, RoPE, the softmax, or KQ / KQV with an F32 KV cache (F32 × F32).
+llama.cpp runs MLA in absorbed form (spec §9), which moves two rounding points. `attn_k_b` (the
+k_nope half of kv_b) multiplies q_nope, which is rounded. `attn_v_b` (the value half) multiplies
+the attention output in latent space, which is rounded. With `f16_matmuls` the attention is
+computed that way; in exact arithmetic it equals the HF form used by default.
 """
 
 from __future__ import annotations
@@ -129,8 +148,24 @@ def _rope_interleaved(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.nda
     return out
 
 
-def forward(ck: Checkpoint, token_ids: list[int]) -> np.ndarray:
+def _f16(a: np.ndarray) -> np.ndarray:
+    """Round to the nearest F16 (ties to even, as F16C and ggml's scalar fallback do)."""
+    return a.astype(np.float16).astype(np.float64)
+
+
+def forward(ck: Checkpoint, token_ids: list[int], *, f16_matmuls: bool = False) -> np.ndarray:
+    """Logits [T, vocab] for `token_ids` at positions 0..T-1, in float64.
+
+    `f16_matmuls`: emulate ggml's CPU arithmetic on an F16 GGUF (see the module docstring); the
+    default is plain HF semantics.
+    """
     c = ck.config
+    rnd = _f16 if f16_matmuls else (lambda a: a)
+
+    def linear(x: np.ndarray, name: str) -> np.ndarray:
+        """x @ W.T, with both operands as ggml sees them."""
+        return rnd(x) @ rnd(ck.tensor(name)).T
+
     T = len(token_ids)
     H, Nh = c["hidden_size"], c["num_attention_heads"]
     Dn, Dr, Dv, Lkv = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
@@ -146,33 +181,43 @@ def forward(ck: Checkpoint, token_ids: list[int]) -> np.ndarray:
     q_temp = 1.0 + beta * np.log1p(np.floor(pos / orig))
     mask = np.triu(np.full((T, T), -np.inf), 1)
 
-    x = ck.tensor("model.embed_tokens.weight")[token_ids]
+    x = rnd(ck.tensor("model.embed_tokens.weight"))[token_ids]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = _rms(x, ck.tensor(p + "input_layernorm.weight"), eps)
-        q = _rms(h @ ck.tensor(p + "self_attn.q_a_proj.weight").T, ck.tensor(p + "self_attn.q_a_layernorm.weight"), eps)
-        q = (q @ ck.tensor(p + "self_attn.q_b_proj.weight").T).reshape(T, Nh, Dn + Dr).transpose(1, 0, 2)
-        ckv = h @ ck.tensor(p + "self_attn.kv_a_proj_with_mqa.weight").T
+        q = _rms(linear(h, p + "self_attn.q_a_proj.weight"), ck.tensor(p + "self_attn.q_a_layernorm.weight"), eps)
+        q = linear(q, p + "self_attn.q_b_proj.weight").reshape(T, Nh, Dn + Dr).transpose(1, 0, 2)
+        ckv = linear(h, p + "self_attn.kv_a_proj_with_mqa.weight")
         latent, k_pe = ckv[:, :Lkv], ckv[:, Lkv:]
-        kv = _rms(latent, ck.tensor(p + "self_attn.kv_a_layernorm.weight"), eps) @ ck.tensor(p + "self_attn.kv_b_proj.weight").T
-        kv = kv.reshape(T, Nh, Dn + Dv).transpose(1, 0, 2)
-        k_nope, v = kv[..., :Dn], kv[..., Dn:]
+        latent = _rms(latent, ck.tensor(p + "self_attn.kv_a_layernorm.weight"), eps)
         q_pe = _rope_interleaved(q[..., Dn:], cos, sin)
         k_pe = _rope_interleaved(k_pe, cos, sin)
-        query = np.concatenate([q[..., :Dn], q_pe], -1) * q_temp[None, :, None]
-        key = np.concatenate([k_nope, np.broadcast_to(k_pe, (Nh, T, Dr))], -1)
-        s = query @ key.transpose(0, 2, 1) * scaling + mask
+        if not f16_matmuls:
+            kv = latent @ ck.tensor(p + "self_attn.kv_b_proj.weight").T
+            kv = kv.reshape(T, Nh, Dn + Dv).transpose(1, 0, 2)
+            k_nope, v = kv[..., :Dn], kv[..., Dn:]
+            query = np.concatenate([q[..., :Dn], q_pe], -1) * q_temp[None, :, None]
+            key = np.concatenate([k_nope, np.broadcast_to(k_pe, (Nh, T, Dr))], -1)
+            s = query @ key.transpose(0, 2, 1) * scaling + mask
+        else:  # absorbed MLA, llama.cpp's order: one shared [latent | k_rope] key, the latent as value
+            kv_b = _f16(ck.tensor(p + "self_attn.kv_b_proj.weight")).reshape(Nh, Dn + Dv, Lkv)
+            q_lat = _f16(q[..., :Dn]) @ kv_b[:, :Dn]  # [Nh, T, Lkv]: attn_k_b · q_nope
+            s = (q_lat @ latent.T + q_pe @ k_pe.T) * q_temp[None, :, None] * scaling + mask
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
-        attn = (s @ v).transpose(1, 0, 2).reshape(T, Nh * Dv)
-        x = x + attn @ ck.tensor(p + "self_attn.o_proj.weight").T
+        if not f16_matmuls:
+            attn = s @ v
+        else:
+            attn = _f16(s @ latent) @ kv_b[:, Dn:].transpose(0, 2, 1)  # attn_v_b · latent output
+        attn = attn.transpose(1, 0, 2).reshape(T, Nh * Dv)
+        x = x + linear(attn, p + "self_attn.o_proj.weight")
 
         h = _rms(x, ck.tensor(p + "post_attention_layernorm.weight"), eps)
         if i < c.get("first_k_dense_replace", 0):
-            g, u = h @ ck.tensor(p + "mlp.gate_proj.weight").T, h @ ck.tensor(p + "mlp.up_proj.weight").T
-            x = x + (_silu(g) * u) @ ck.tensor(p + "mlp.down_proj.weight").T
+            g, u = linear(h, p + "mlp.gate_proj.weight"), linear(h, p + "mlp.up_proj.weight")
+            x = x + linear(_silu(g) * u, p + "mlp.down_proj.weight")
             continue
-        logits = h @ ck.tensor(p + "mlp.gate.weight").T
+        logits = h @ ck.tensor(p + "mlp.gate.weight").T  # the router stays F32 in every file type
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         k = c["num_experts_per_tok"]
@@ -181,19 +226,19 @@ def forward(ck: Checkpoint, token_ids: list[int]) -> np.ndarray:
         if c.get("norm_topk_prob"):
             w = w / (w.sum(-1, keepdims=True) + 1e-20)
         w = w * c.get("routed_scaling_factor", 1.0)
-        gate_up = ck.tensor(p + "mlp.experts.gate_up_proj")
-        down = ck.tensor(p + "mlp.experts.down_proj")
+        gate_up = rnd(ck.tensor(p + "mlp.experts.gate_up_proj"))
+        down = rnd(ck.tensor(p + "mlp.experts.down_proj"))
         F = gate_up.shape[1] // 2
         out = np.zeros_like(h)
         for t in range(T):
             for j in range(k):
                 e = top[t, j]
-                gu = gate_up[e] @ h[t]
-                out[t] += w[t, j] * (down[e] @ (_silu(gu[:F]) * gu[F:]))
-        g = h @ ck.tensor(p + "mlp.shared_experts.gate_proj.weight").T
-        u = h @ ck.tensor(p + "mlp.shared_experts.up_proj.weight").T
-        out += (_silu(g) * u) @ ck.tensor(p + "mlp.shared_experts.down_proj.weight").T
+                gu = gate_up[e] @ rnd(h[t])
+                out[t] += w[t, j] * (down[e] @ rnd(_silu(gu[:F]) * gu[F:]))
+        g = linear(h, p + "mlp.shared_experts.gate_proj.weight")
+        u = linear(h, p + "mlp.shared_experts.up_proj.weight")
+        out += linear(_silu(g) * u, p + "mlp.shared_experts.down_proj.weight")
         x = x + out
     x = _rms(x, ck.tensor("model.norm.weight"), eps)
     head = "lm_head.weight" if "lm_head.weight" in ck._where else "model.embed_tokens.weight"
-    return x @ ck.tensor(head).T
+    return linear(x, head)
