@@ -9,6 +9,7 @@ expert slice) at a time.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from .policy import Choice, Policy, bpw, nbytes, parse_override, parse_type
 from .quants import Encoder
 from .source import SafetensorsSource
 from .vocab import default_chat_template, load_chat_template, load_vocab
-from .errors import OutputError
+from . import mmproj as vision
+from .errors import ConfigError, OutputError, VocabError
 from .writer import OutTensor, Progress, check_output, layout, prefetch, write_gguf
 
 DEFAULT_MODELS_DIR = Path("models")
@@ -53,6 +55,8 @@ class ConvertResult:
     metadata: dict[str, object] = field(default_factory=dict)
     policy: str = "ms4local"
     files: list[Path] = field(default_factory=list)  # the output files (several when split)
+    mmproj: Path | None = None  # the vision projector file, when the checkpoint has a vision tower
+    mmproj_rows: list[PlanRow] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -64,13 +68,11 @@ class ConvertResult:
 
     @property
     def n_params(self) -> int:
-        n = 0
-        for r in self.rows:
-            p = 1
-            for d in r.shape:
-                p *= d
-            n += p
-        return n
+        return count_params(self.rows)
+
+
+def count_params(rows: list[PlanRow]) -> int:
+    return sum(math.prod(r.shape) for r in rows)
 
 
 def models_dir() -> Path:
@@ -95,6 +97,9 @@ def convert(
     threads: int | None = None,
     split_max_tensors: int = 0,
     split_max_size: int = 0,
+    mmproj: bool = True,
+    mmproj_type: str = "F16",
+    mmproj_only: bool = False,
 ) -> ConvertResult:
     """Convert the text model of an HF checkpoint to a GGUF file (or only plan it with dry_run).
 
@@ -102,6 +107,7 @@ def convert(
     `threads` workers and written, with reading, quantizing and writing overlapped. A killed run of
     the same command resumes (see writer.py)."""
     ft = parse_type(out_type)
+    mm_type, mm_file_type = vision.parse_mmproj_type(mmproj_type)
     overrides = [parse_override(t) for t in tensor_types]
     if split_max_tensors < 0 or split_max_size < 0:
         raise OutputError("split limits must be positive")
@@ -123,6 +129,15 @@ def convert(
     if template is None:
         template, template_source = default_chat_template(), "ms4local default (checkpoint has none)"
 
+    vh = vision.vision_hparams(top, hp.hidden_size)
+    if mmproj_only and vh is None:
+        raise ConfigError("--mmproj-only: this checkpoint has no vision tower (config.json has no vision_config)")
+    mm_jobs: list[TensorJob] = []
+    if vh is not None and (mmproj or mmproj_only):
+        if "[IMG_BREAK]" not in vocab.tokens:
+            raise VocabError("the vocabulary has no [IMG_BREAK] token, which the vision projector needs")
+        mm_jobs = vision.plan(vh, source, vocab.tokens.index("[IMG_BREAK]"), hp.hidden_size)
+
     chooser = Policy(ft, policy, overrides, jobs, hp.num_hidden_layers, hp.n_routed_experts)
     choices: dict[str, Choice] = {j.name: chooser.choose(j) for j in jobs}
     out_tensors = [OutTensor(j.name, j.shape, choices[j.name].type, nbytes(choices[j.name].type, j.shape)) for j in jobs]
@@ -134,6 +149,15 @@ def convert(
     ]
     output = Path(out) if out is not None else default_output(name, ft.name)
     result = ConvertResult(output, ft.name, rows, name, template_source, policy=policy)
+    mm_choices = {j.name: vision.choose(j, mm_type) for j in mm_jobs}
+    mm_tensors = [OutTensor(j.name, j.shape, mm_choices[j.name].type, nbytes(mm_choices[j.name].type, j.shape))
+                  for j in mm_jobs]
+    if mm_jobs:
+        result.mmproj = output.parent / f"mmproj-{name}-{mmproj_type.upper()}.gguf"
+        result.mmproj_rows = [PlanRow(j.name, tuple(reversed(j.shape)), "+".join(sorted({dtypes.get(s, "?") for s in j.sources})),
+                                      mm_choices[j.name].type.name, mm_choices[j.name].rule, o.nbytes)
+                              for j, o in zip(mm_jobs, mm_tensors)]
+        mean, std = vision.image_norm(directory)
 
     total, shared, routed = parameter_counts(jobs)
     size_label = gguf.size_label(total, shared, routed, hp.n_routed_experts)
@@ -152,7 +176,7 @@ def convert(
     if dry_run:
         shards = layout(output, module.ARCH, add_metadata, out_tensors,
                         split_max_tensors=split_max_tensors, split_max_size=split_max_size)
-        result.files = [s.path for s in shards]
+        result.files = [] if mmproj_only else [s.path for s in shards]
         return result
 
     if out is None:
@@ -161,7 +185,10 @@ def convert(
         except OSError as e:
             raise OutputError(f"cannot create the models directory {output.parent}: {e.strerror or e}; "
                               "set MS4LOCAL_MODELS or pass -o") from None
-    by_name = {j.name: j for j in jobs}
+    by_name = {j.name: j for j in jobs + mm_jobs}
+    fingerprint = _fingerprint(source, directory, policy)
+    if result.mmproj is not None:
+        check_output(result.mmproj, force=force, needed_bytes=0)  # fail before hours of text conversion
 
     with Encoder(threads) as encoder:
         def data(pending: list[OutTensor]):
@@ -169,9 +196,14 @@ def convert(
             for t, chunk in floats:
                 yield t, encoder.encode(chunk.astype(np.float32, copy=False), t.type)
 
-        result.files = write_gguf(output, module.ARCH, add_metadata, out_tensors, data, progress,
-                                  split_max_tensors=split_max_tensors, split_max_size=split_max_size,
-                                  fingerprint=_fingerprint(source, directory, policy), force=force)
+        if not mmproj_only:
+            result.files = write_gguf(output, module.ARCH, add_metadata, out_tensors, data, progress,
+                                      split_max_tensors=split_max_tensors, split_max_size=split_max_size,
+                                      fingerprint=fingerprint, force=force)
+        if result.mmproj is not None and vh is not None:
+            write_gguf(result.mmproj, "clip",
+                       lambda w: vision.add_metadata(w, vh, mean, std, mm_file_type, f"{name} vision projector"),
+                       mm_tensors, data, progress, fingerprint=fingerprint + f"\nmmproj {mmproj_type}", force=force)
     result.written = True
     return result
 

@@ -70,6 +70,13 @@ class TinySpec:
     tokenizer: str = "json"  # json | tekken | both
     chat_template: bool = False
     seed: int = 0
+    # Pixtral vision tower (spec §8.1); 0 layers = a text-only checkpoint.
+    vision_layers: int = 0
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    vision_inter: int = 64
+    patch: int = 14
+    merge: int = 2
 
 
 def tekken_source() -> Path:
@@ -158,7 +165,34 @@ def config_json(s: TinySpec) -> dict:
     }
     if fp8:
         cfg["quantization_config"] = {"activation_scheme": "static", "quant_method": "fp8", "weight_block_size": None}
+    if s.vision_layers:
+        cfg["spatial_merge_size"] = s.merge
+        cfg["vision_config"] = {
+            "model_type": "pixtral", "hidden_size": s.vision_hidden, "intermediate_size": s.vision_inter,
+            "num_hidden_layers": s.vision_layers, "num_attention_heads": s.vision_heads,
+            "head_dim": s.vision_hidden // s.vision_heads, "image_size": 1540, "patch_size": s.patch,
+            "num_channels": 3, "hidden_act": "silu", "rope_parameters": {"rope_theta": 10000.0}}
     return cfg
+
+
+def vision_tensors(s: TinySpec) -> list[tuple[str, tuple[int, ...], str]]:
+    """(HF name without the model prefix, shape, kind) of the Pixtral tower and projector."""
+    V, I, H = s.vision_hidden, s.vision_inter, s.hidden
+    out: list[tuple[str, tuple[int, ...], str]] = [
+        ("vision_tower.patch_conv.weight", (V, 3, s.patch, s.patch), "conv"),
+        ("vision_tower.ln_pre.weight", (V,), "norm")]
+    for j in range(s.vision_layers):
+        p = f"vision_tower.transformer.layers.{j}."
+        out += [(p + "attention_norm.weight", (V,), "norm"), (p + "ffn_norm.weight", (V,), "norm")]
+        out += [(p + f"attention.{x}_proj.weight", (V, V), "vlinear") for x in "qkvo"]
+        out += [(p + "feed_forward.gate_proj.weight", (I, V), "vlinear"),
+                (p + "feed_forward.up_proj.weight", (I, V), "vlinear"),
+                (p + "feed_forward.down_proj.weight", (V, I), "vlinear")]
+    out += [("multi_modal_projector.norm.weight", (V,), "norm"),
+            ("multi_modal_projector.patch_merger.merging_layer.weight", (V, V * s.merge ** 2), "vlinear"),
+            ("multi_modal_projector.linear_1.weight", (H, V), "vlinear"),
+            ("multi_modal_projector.linear_2.weight", (H, H), "vlinear")]
+    return out
 
 
 def text_tensors(s: TinySpec) -> list[tuple[str, tuple[int, ...], str]]:
@@ -200,6 +234,8 @@ def values(s: TinySpec, name: str, shape: tuple[int, ...], kind: str) -> np.ndar
     if kind == "norm":
         return (1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
     fan_in = shape[-1]
+    if kind == "conv":
+        fan_in = math.prod(shape[1:])
     scale = {"embed": 1.0, "router": 2.0 / math.sqrt(fan_in)}.get(kind, 1.0 / math.sqrt(fan_in))
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
 
@@ -291,6 +327,14 @@ def make_checkpoint(out_dir: str | Path, spec: TinySpec | None = None, **overrid
     for name, shape, kind in text_tensors(s):
         for full, dtype, shp, make in _encoded(s, name, shape, kind):
             entries.append((_full_name(s, full), dtype, shp, make))
+    if s.vision_layers and s.layout != "flat":
+        prefix = "model." if s.layout == "new" else ""
+        for name, shape, kind in vision_tensors(s):
+            for full, dtype, shp, make in _encoded(s, name, shape, kind):
+                entries.append((prefix + full, dtype, shp, make))
+        (out / "preprocessor_config.json").write_text(json.dumps({
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "patch_size": s.patch, "image_processor_type": "PixtralImageProcessor"}))
     if s.shards <= 1:
         write_safetensors(out / "model.safetensors", entries)
     else:

@@ -11,11 +11,12 @@ from typing import Annotated, Optional
 import typer
 
 import quantize as converter
+from quantize.convert import count_params
 from quantize.policy import FILE_TYPES
 from quantize.units import parse_size
 
 from .. import ui
-from .errors import handle_errors
+from .errors import fail, handle_errors
 
 TYPES = list(FILE_TYPES)
 
@@ -34,6 +35,9 @@ def quantize(
     split_max_size: Annotated[Optional[str], typer.Option(
         "--split-max-size", help="Split into files of at most this size (e.g. 50G, 500M).")] = None,
     split_max_tensors: Annotated[int, typer.Option("--split-max-tensors", help="Split into files of at most N tensors.")] = 0,
+    mmproj_type: Annotated[str, typer.Option("--mmproj-type", help="Vision projector type: F16, F32 or Q8_0.")] = "F16",
+    no_mmproj: Annotated[bool, typer.Option("--no-mmproj", help="Do not write the vision projector.")] = False,
+    mmproj_only: Annotated[bool, typer.Option("--mmproj-only", help="Write only the vision projector.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
@@ -41,12 +45,20 @@ def quantize(
 
     A killed run resumes when the same command is run again."""
     kwargs = dict(out=output, out_type=out_type, policy=policy, tensor_types=tensor_type or [], threads=threads,
-                  split_max_tensors=split_max_tensors, split_max_size=parse_size(split_max_size) if split_max_size else 0)
+                  split_max_tensors=split_max_tensors, split_max_size=parse_size(split_max_size) if split_max_size else 0,
+                  mmproj=not no_mmproj, mmproj_type=mmproj_type, mmproj_only=mmproj_only)
+    if no_mmproj and mmproj_only:
+        raise fail("--no-mmproj and --mmproj-only contradict each other", 2)
     if dry_run:
         plan = converter.convert(src, dry_run=True, **kwargs)
         files = ", ".join(str(f) for f in plan.files)
-        ui.out.print(ui.plan_table(plan.rows, plan.total_bytes, plan.n_params,
-                                   f"{plan.name} → {files} ({plan.out_type}, policy {plan.policy})"))
+        if plan.files:
+            ui.out.print(ui.plan_table(plan.rows, plan.total_bytes, plan.n_params,
+                                       f"{plan.name} → {files} ({plan.out_type}, policy {plan.policy})"))
+        if plan.mmproj is not None:
+            rows = plan.mmproj_rows
+            ui.out.print(ui.plan_table(rows, sum(r.nbytes for r in rows), count_params(rows),
+                                       f"vision projector → {plan.mmproj} ({mmproj_type.upper()})"))
         return
     start = time.monotonic()
     try:
@@ -57,7 +69,8 @@ def quantize(
         raise
     elapsed = time.monotonic() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    files = ", ".join(str(f) for f in result.files)
+    files = ", ".join(str(f) for f in [*result.files, *([result.mmproj] if result.mmproj else [])])
     ui.err.print(f"wrote [bold]{files}[/] ({ui.human_bytes(result.total_bytes)}, {result.bits_per_weight:.2f} bpw, "
                  f"policy {result.policy}) in {elapsed:.1f} s, peak memory {ui.human_bytes(peak)}; "
                  f"chat template: {result.chat_template_source}")
+
