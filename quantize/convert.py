@@ -244,6 +244,19 @@ def _requantize(src: Path, out: str | os.PathLike[str] | None, ft, policy: str, 
     if out is None:
         output.parent.mkdir(parents=True, exist_ok=True)
     check_output(output, force=force, needed_bytes=result.total_bytes)
-    requant.requantize(src, output, ft, policy, overrides, choices, threads, progress)
+    # llama.cpp reports tensors ("[ i/ n] name", in its own order); the bar is over output bytes.
+    size_of = {r.name: r.nbytes for r in rows}
+    seen: set[str] = set()
+    done = 0
+
+    def by_bytes(i: int, n: int, tensor: str) -> None:
+        nonlocal done
+        if tensor not in seen:
+            seen.add(tensor)
+            done += size_of.get(tensor, 0)
+        if progress:
+            progress(done, result.total_bytes, tensor)
+
+    requant.requantize(src, output, ft, policy, overrides, choices, threads, by_bytes)
     result.written = True
     return result
