@@ -23,6 +23,8 @@ from .hparams import load_model_config
 from .hub import resolve_source
 from .policy import Choice, Policy, bpw, nbytes, parse_override, parse_type
 from .quants import Encoder
+from .report import Report, report_path
+from .report import save as save_report
 from .source import SafetensorsSource
 from .vocab import default_chat_template, load_chat_template, load_vocab
 from . import mmproj as vision
@@ -57,6 +59,7 @@ class ConvertResult:
     files: list[Path] = field(default_factory=list)  # the output files (several when split)
     mmproj: Path | None = None  # the vision projector file, when the checkpoint has a vision tower
     mmproj_rows: list[PlanRow] = field(default_factory=list)
+    report: Report | None = None  # sampled quantization error (text model), also saved as <out>.quant.json
 
     @property
     def total_bytes(self) -> int:
@@ -100,6 +103,7 @@ def convert(
     mmproj: bool = True,
     mmproj_type: str = "F16",
     mmproj_only: bool = False,
+    quant_report: bool = True,
 ) -> ConvertResult:
     """Convert the text model of an HF checkpoint to a GGUF file (or only plan it with dry_run).
 
@@ -186,6 +190,8 @@ def convert(
             raise OutputError(f"cannot create the models directory {output.parent}: {e.strerror or e}; "
                               "set MS4LOCAL_MODELS or pass -o") from None
     by_name = {j.name: j for j in jobs + mm_jobs}
+    report = Report()
+    measure = quant_report
     fingerprint = _fingerprint(source, directory, policy)
     if result.mmproj is not None:
         check_output(result.mmproj, force=force, needed_bytes=0)  # fail before hours of text conversion
@@ -194,12 +200,19 @@ def convert(
         def data(pending: list[OutTensor]):
             floats = prefetch(((t, c) for t in pending for c in by_name[t.name].chunks()), depth=2)
             for t, chunk in floats:
-                yield t, encoder.encode(chunk.astype(np.float32, copy=False), t.type)
+                chunk = chunk.astype(np.float32, copy=False)
+                encoded = encoder.encode(chunk, t.type)
+                if measure:
+                    report.add(t.name, by_name[t.name].role, t.type, chunk, encoded)
+                yield t, encoded
 
         if not mmproj_only:
             result.files = write_gguf(output, module.ARCH, add_metadata, out_tensors, data, progress,
                                       split_max_tensors=split_max_tensors, split_max_size=split_max_size,
                                       fingerprint=fingerprint, force=force)
+            if measure and report.tensors:
+                result.report = report
+                save_report(report, report_path(output))
         if result.mmproj is not None and vh is not None:
             write_gguf(result.mmproj, "clip",
                        lambda w: vision.add_metadata(w, vh, mean, std, mm_file_type, f"{name} vision projector"),

@@ -270,3 +270,30 @@ def test_cli_bad_options_are_one_line_usage_errors(kq, cli_env, args, words):
     assert "Traceback" not in p.stderr
     for w in words:
         assert w in p.stderr
+
+
+# ---- quantization report ------------------------------------------------------------------------------
+
+def test_quant_report_matches_a_full_measurement(kq, tmp_path):
+    """The sampled per-tensor error agrees with one measured on every row of the written file."""
+    import json as _json
+
+    from gguf import quants as gq
+    from reference.mistral4_ref import load_checkpoint
+
+    res = convert(kq, out=tmp_path / "M-Q4_K_M.gguf", out_type="Q4_K_M")
+    saved = _json.loads((tmp_path / "M-Q4_K_M.quant.json").read_text())
+    assert set(saved["by_class"]) >= {"routed experts", "attention", "shared expert", "embeddings/output"}
+    ck = load_checkpoint(kq)
+    stored = {t.name: t for t in gguf.GGUFReader(res.output).tensors}
+    for name, hf in (("blk.1.attn_q_a.weight", "model.layers.1.self_attn.q_a_proj.weight"),
+                     ("blk.2.ffn_up_shexp.weight", "model.layers.2.mlp.shared_experts.up_proj.weight"),
+                     ("output.weight", "lm_head.weight")):
+        t = stored[name]
+        back = gq.dequantize(t.data, T(t.tensor_type)).reshape(-1, int(t.shape[0])).astype(np.float64)
+        src = np.asarray(ck.tensor(hf), dtype=np.float64).reshape(back.shape)
+        full = float(np.sqrt(((back - src) ** 2).sum() / (src ** 2).sum()))
+        sampled = saved["tensors"][name]["rel_rms"]
+        assert 0.7 * full < sampled < 1.3 * full, (name, sampled, full)
+    q8 = convert(kq, out=tmp_path / "M-Q8_0.gguf", out_type="Q8_0").report.by_class()
+    assert all(q8[c] < saved["by_class"][c] for c in q8)

@@ -38,6 +38,7 @@ def quantize(
     mmproj_type: Annotated[str, typer.Option("--mmproj-type", help="Vision projector type: F16, F32 or Q8_0.")] = "F16",
     no_mmproj: Annotated[bool, typer.Option("--no-mmproj", help="Do not write the vision projector.")] = False,
     mmproj_only: Annotated[bool, typer.Option("--mmproj-only", help="Write only the vision projector.")] = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Skip the quantization-error report (<out>.quant.json).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan and write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
@@ -47,6 +48,8 @@ def quantize(
     kwargs = dict(out=output, out_type=out_type, policy=policy, tensor_types=tensor_type or [], threads=threads,
                   split_max_tensors=split_max_tensors, split_max_size=parse_size(split_max_size) if split_max_size else 0,
                   mmproj=not no_mmproj, mmproj_type=mmproj_type, mmproj_only=mmproj_only)
+    if not dry_run:
+        kwargs["quant_report"] = not no_report
     if no_mmproj and mmproj_only:
         raise fail("--no-mmproj and --mmproj-only contradict each other", 2)
     if dry_run:
@@ -73,4 +76,10 @@ def quantize(
     ui.err.print(f"wrote [bold]{files}[/] ({ui.human_bytes(result.total_bytes)}, {result.bits_per_weight:.2f} bpw, "
                  f"policy {result.policy}) in {elapsed:.1f} s, peak memory {ui.human_bytes(peak)}; "
                  f"chat template: {result.chat_template_source}")
-
+    if result.report is not None:
+        table = ui.Table(title="quantization error (relative RMS, sampled rows)", header_style="bold")
+        table.add_column("class")
+        table.add_column("rel. RMS error", justify="right")
+        for cls, err in sorted(result.report.by_class().items(), key=lambda kv: -kv[1]):
+            table.add_row(cls, f"{err:.2e}")
+        ui.err.print(table)
