@@ -1,6 +1,6 @@
 """The quantization report: how far each stored tensor is from its source, measured as it is written.
 
-For every tensor stored in a lossy type, a few evenly spaced rows of each chunk (one expert slice,
+For every tensor stored in a quantized (block) type, a few evenly spaced rows of each chunk (one expert slice,
 one row block) are decoded again with gguf-py's own dequantizers — independent of ggml, which
 encoded them — and compared with the float32 source rows. The relative RMS error per tensor and
 per class is what a user wants to know after an hour of quantizing ("which part lost most?").
@@ -41,8 +41,8 @@ class Report:
     types: dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, role: str, t: T, source: np.ndarray, encoded: np.ndarray) -> None:
-        if t == T.F32:
-            return
+        if t in (T.F32, T.F16, T.BF16):
+            return  # float storage: the report is about quantization
         ne0 = source.shape[-1]
         src = source.reshape(-1, ne0)
         n = src.shape[0]
