@@ -212,7 +212,8 @@ def test_split_output_loads_and_matches_the_single_file(kq, tmp_path):
     n = len(split.files)
     assert n >= 3
     assert [f.name for f in split.files] == [f"M-Q8_0-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
-    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [f.name for f in split.files]
+    # Only the split set and its quantization report: no .part or journal left behind.
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [f.name for f in split.files] + ["M-Q8_0.quant.json"]
     for i, f in enumerate(split.files):
         assert field(f, "split.no") == i and field(f, "split.count") == n
         assert field(f, "split.tensors.count") == len(split.rows)
