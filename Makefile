@@ -26,3 +26,28 @@ test: install
 
 clean:
 	rm -rf models/demo .pytest_cache
+
+# GPU builds: recompile the pinned llama-cpp-python with CUDA or Metal into $(VENV) (10–40 min).
+# CUDA_ARCH=89 (or "86;89") builds for GPUs this machine does not have; check with `ms4local doctor`.
+LLAMA_CPP_PYTHON := llama-cpp-python==$(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+CUDA_ARCH ?=
+
+.PHONY: install-cuda install-metal
+
+install-cuda: install
+	CMAKE_ARGS="-DGGML_CUDA=on$(if $(CUDA_ARCH), -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH))" \
+		$(PY) -m pip install --force-reinstall --no-cache-dir --no-deps '$(LLAMA_CPP_PYTHON)'
+
+install-metal: install
+	CMAKE_ARGS="-DGGML_METAL=on" \
+		$(PY) -m pip install --force-reinstall --no-cache-dir --no-deps '$(LLAMA_CPP_PYTHON)'
+
+# One-pass quantization vs BF16 GGUF + llama_model_quantize on a Mistral-Small-4-shaped checkpoint
+# (~6 GB source, ~10 GB BF16 file in a temp dir; ~15 min on 2 cores). Writes bench/results/quantize.md.
+# BENCH_ARGS="--layers 2 --workdir /big/disk" for more; see `$(PY) bench/quantize_bench.py --help`.
+BENCH_ARGS ?=
+
+.PHONY: bench-quantize
+
+bench-quantize: install
+	$(PY) bench/quantize_bench.py $(BENCH_ARGS)

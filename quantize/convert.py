@@ -209,7 +209,9 @@ def convert(
         if not mmproj_only:
             result.files = write_gguf(output, module.ARCH, add_metadata, out_tensors, data, progress,
                                       split_max_tensors=split_max_tensors, split_max_size=split_max_size,
-                                      fingerprint=fingerprint, force=force)
+                                      fingerprint=fingerprint, force=force,
+                                      tensor_meta=report.state if measure else None,
+                                      restore_meta=report.restore if measure else None)
             if measure and report.tensors:
                 result.report = report
                 save_report(report, report_path(output))

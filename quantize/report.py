@@ -56,6 +56,17 @@ class Report:
         acc.rows += len(pick)
         self.roles[name], self.types[name] = role, t.name
 
+    def state(self, name: str) -> list[float] | None:
+        """What to keep in the resume journal for one finished tensor."""
+        a = self.tensors.get(name)
+        return None if a is None else [a.err2, a.ref2, a.rows, self.roles[name], self.types[name]]
+
+    def restore(self, name: str, state: list) -> None:
+        """A tensor measured by an earlier, interrupted run of the same conversion."""
+        err2, ref2, rows, role, type_name = state
+        self.tensors[name] = _Acc(float(err2), float(ref2), int(rows))
+        self.roles[name], self.types[name] = role, type_name
+
     def rel_rms(self, name: str) -> float:
         a = self.tensors[name]
         return (a.err2 / a.ref2) ** 0.5 if a.ref2 > 0 else 0.0

@@ -184,6 +184,8 @@ class _Journal:
             h.update(s.header)
         self.fingerprint = h.hexdigest()
         self.f: io.BufferedWriter | None = None
+        self.renaming = False  # a previous run finished every tensor and had started renaming
+        self.metas: dict[str, Any] = {}  # per-tensor data the caller stored with each line (e.g. report sums)
 
     def start(self) -> None:
         self.f = open(self.path, "wb")
@@ -193,8 +195,14 @@ class _Journal:
     def reopen(self) -> None:
         self.f = open(self.path, "ab")
 
-    def done(self, shard: int, name: str, end: int, crc: int) -> None:
-        self._append({"shard": shard, "tensor": name, "end": end, "crc": crc})
+    def done(self, shard: int, name: str, end: int, crc: int, meta: Any = None) -> None:
+        line = {"shard": shard, "tensor": name, "end": end, "crc": crc}
+        if meta is not None:
+            line["meta"] = meta
+        self._append(line)
+
+    def mark_renaming(self) -> None:
+        self._append({"renaming": True})
 
     def _append(self, obj: dict[str, Any]) -> None:
         assert self.f is not None
@@ -219,9 +227,13 @@ class _Journal:
         entries = []
         for line in lines[1:]:
             try:
-                entries.append(json.loads(line))
+                e = json.loads(line)
             except ValueError:
                 break  # a torn last line: the tensor before it is the last one we know is on disk
+            if e.get("renaming"):
+                self.renaming = True
+                break
+            entries.append(e)
         order = [(i, t, len(s.header) + sum(_pad(u.nbytes) for u in s.tensors[: k + 1]))
                  for i, s in enumerate(self.shards) for k, t in enumerate(s.tensors)]
         n = 0
@@ -231,16 +243,17 @@ class _Journal:
             n += 1
         if n == 0:
             return 0
+        if self.renaming and n != len(order):
+            return 0
         for s in self.shards:
-            part = part_path(s.path)
             try:
-                with open(part, "rb") as f:
+                with open(self._file_of(s), "rb") as f:
                     if f.read(len(s.header)) != s.header:
                         return 0
             except OSError:
                 return 0
         i, t, end = order[n - 1]
-        part = part_path(self.shards[i].path)
+        part = self._file_of(self.shards[i])
         try:
             with open(part, "rb") as f:
                 f.seek(end - _pad(t.nbytes))
@@ -253,7 +266,15 @@ class _Journal:
                     left -= len(block)
         except OSError:
             return 0
-        return n if crc == entries[n - 1].get("crc") else 0
+        if crc != entries[n - 1].get("crc"):
+            return 0
+        self.metas = {e["tensor"]: e["meta"] for e in entries[:n] if "meta" in e}
+        return n
+
+    def _file_of(self, s: Shard) -> Path:
+        """A shard's .part file — or, once renaming had begun, its final file if already renamed."""
+        part = part_path(s.path)
+        return s.path if self.renaming and not part.exists() and s.path.exists() else part
 
 
 def write_gguf(
@@ -268,17 +289,31 @@ def write_gguf(
     split_max_size: int = 0,
     fingerprint: str = "",
     force: bool = False,
+    tensor_meta: Callable[[str], Any] | None = None,
+    restore_meta: Callable[[str, Any], None] | None = None,
 ) -> list[Path]:
     """Write a complete GGUF (or split set) at `path`, resuming a killed run of the same plan.
 
     `data(pending)` yields (tensor, encoded chunk) for the pending tensors, in order. A
     KeyboardInterrupt keeps the `.part` files and journal for the next run; any other failure
-    removes them. Returns the final paths.
+    removes them. `tensor_meta(name)` is stored with each finished tensor in the journal and handed
+    back through `restore_meta(name, meta)` for the tensors a resumed run skips. Returns the final paths.
     """
     shards = layout(Path(path), arch, add_metadata, tensors,
                     split_max_tensors=split_max_tensors, split_max_size=split_max_size)
     journal = _Journal(journal_path(shards[0].path), shards, fingerprint)
     done = journal.completed()
+    if restore_meta is not None:
+        for name, meta in journal.metas.items():
+            restore_meta(name, meta)
+    if journal.renaming and done:
+        # Killed while renaming a complete set: finish the renames, first shard last.
+        for s in reversed(shards):
+            if part_path(s.path).exists():
+                os.replace(part_path(s.path), s.path)
+        journal.path.unlink(missing_ok=True)
+        _fsync_dir(shards[0].path.parent)
+        return [s.path for s in shards]
     existing = sum(part_path(s.path).stat().st_size for s in shards if part_path(s.path).exists()) if done else 0
     for s in shards:
         check_output(s.path, force=force, needed_bytes=max(0, sum(x.size for x in shards) - existing))
@@ -310,7 +345,8 @@ def write_gguf(
         got = crc = finished = 0
         for t, chunk in prefetch(data([t for _, t in pending]), depth=2):
             if current is not None and t.name != current.name:
-                _finish(files[shard_of[current.name]], journal, shard_of[current.name], current, got, crc)
+                _finish(files[shard_of[current.name]], journal, shard_of[current.name], current, got, crc,
+                        tensor_meta(current.name) if tensor_meta else None)
                 got = crc = 0
                 finished += 1
             current = t
@@ -322,7 +358,8 @@ def write_gguf(
             if progress:
                 progress(written, total, t.name)
         if current is not None:
-            _finish(files[shard_of[current.name]], journal, shard_of[current.name], current, got, crc)
+            _finish(files[shard_of[current.name]], journal, shard_of[current.name], current, got, crc,
+                    tensor_meta(current.name) if tensor_meta else None)
             finished += 1
         if finished != len(pending):
             raise QuantizeError(f"internal error: {finished} of {len(pending)} tensors were produced")
@@ -330,6 +367,7 @@ def write_gguf(
             f.flush()
             os.fsync(f.fileno())
             f.close()
+        journal.mark_renaming()
         journal.close()
         # The first shard last: llama.cpp opens the set from it, so it appears only when all are there.
         for s in reversed(shards):
@@ -352,13 +390,14 @@ def write_gguf(
         raise
 
 
-def _finish(f: io.BufferedRandom, journal: _Journal, shard: int, t: OutTensor, got: int, crc: int) -> None:
+def _finish(f: io.BufferedRandom, journal: _Journal, shard: int, t: OutTensor, got: int, crc: int,
+            meta: Any = None) -> None:
     if got != t.nbytes:
         raise QuantizeError(f"internal error: {t.name} produced {got} bytes, expected {t.nbytes}")
     f.write(b"\0" * (_pad(got) - got))
     f.flush()
     os.fsync(f.fileno())
-    journal.done(shard, t.name, f.tell(), crc)
+    journal.done(shard, t.name, f.tell(), crc, meta)
 
 
 def _resume_offsets(shards: list[Shard], done: int) -> list[int]:
