@@ -4,7 +4,7 @@
 sibling package `quantize`. This package never imports `quantize` (the CLI joins the two).
 """
 
-from .engine import Delta, Done, Engine, EngineOptions, Sampling
+from .engine import Delta, Done, Engine, EngineOptions, Placement, Sampling, Timings, Usage
 
-__all__ = ["Delta", "Done", "Engine", "EngineOptions", "Sampling"]
+__all__ = ["Delta", "Done", "Engine", "EngineOptions", "Placement", "Sampling", "Timings", "Usage"]
 __version__ = "0.1.0"

@@ -7,6 +7,11 @@ control tokens kept in the streamed text (`[THINK]`…), and our own KV-cache bo
 caches cannot be shifted, only trimmed from the end, so we keep the evaluated token sequence and
 evaluate only what differs from it).
 
+Placement (which tensors go to which device) is llama.cpp's own machinery driven from here:
+`n_gpu_layers` and `tensor_buft_overrides` rules (--cpu-moe, --n-cpu-moe, -ot), with buffer
+types taken from the ggml copy libllama is linked to; `place` resolves the options against the
+devices of this build and runs the --fit planner (ms4local/placement.py) when asked.
+
 The engine yields small dataclasses (`Delta`, `Done`); presentation lives in the CLI/UI.
 """
 
@@ -15,22 +20,29 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
-from .errors import ContextError, ModelLoadError
-from .prompt import render
+from .errors import ContextError, ModelLoadError, OptionsError
+from .placement import (CACHE_TYPES, DEFAULT_HEADROOM, EXPERTS_REGEX, ModelInfo, Plan, expert_overrides,
+                        plan, read_model)
+from .prompt import render, render_marked
+from .stream import (ContentDelta, End, MalformedToolCall, ReasoningDelta, StreamParser, Tags, ToolCall,
+                     ToolCallDelta)
+from .stream import Event as StreamEvent
 
 _llama: Any = None
 _log_lock = threading.Lock()
 _log_lines: deque[tuple[int, str]] = deque(maxlen=4000)
+_log_total = 0  # lines ever received; marks count from here because the deque drops old lines
 _log_listener: Callable[[int, str], None] | None = None
 _log_cb_ref: Any = None
 
@@ -45,9 +57,11 @@ def llama() -> Any:
         import llama_cpp
 
         def on_log(level: int, text: bytes, _user: Any) -> None:
+            global _log_total
             line = text.decode("utf-8", "replace") if text else ""
             with _log_lock:
                 _log_lines.append((int(level), line))
+                _log_total += 1
             if _log_listener is not None:
                 _log_listener(int(level), line)
 
@@ -64,20 +78,46 @@ def set_log_listener(listener: Callable[[int, str], None] | None) -> None:
     _log_listener = listener
 
 
+def _lines_since(since: int) -> list[tuple[int, str]]:
+    """The buffered lines received after mark `since` (a value of `log_mark()`)."""
+    with _log_lock:
+        n = _log_total - since
+        if n <= 0:
+            return []
+        return list(_log_lines)[-n:] if n < len(_log_lines) else list(_log_lines)
+
+
 def log_text(since: int = 0) -> str:
-    with _log_lock:
-        return "".join(t for _, t in list(_log_lines)[since:])
+    """llama.cpp's log received after mark `since` (0: all that is still buffered)."""
+    return "".join(t for _, t in _lines_since(since))
 
 
-def _log_mark() -> int:
+def log_mark() -> int:
+    """A position in llama.cpp's log, for `log_text(since=...)`; unlike len() of the bounded
+    buffer it keeps counting once old lines are dropped."""
     with _log_lock:
-        return len(_log_lines)
+        return _log_total
+
+
+_FUNC_PREFIX = re.compile(r"^(?:[A-Za-z_]\w*: |error loading model: )+")
+_WRAPPER = re.compile(r"^failed to load model( from .*)?$")
 
 
 def _last_error(since: int) -> str:
-    with _log_lock:
-        lines = list(_log_lines)[since:]
+    """llama.cpp's reason for the failure it logged after mark `since`.
+
+    A failed load logs the cause first and then generic wrappers ("failed to load model"), so
+    the wrappers and the `function: ` prefixes are dropped and the causes kept, in order.
+    """
+    lines = _lines_since(since)
     errors = [t.strip() for lvl, t in lines if lvl == GGML_LOG_ERROR and t.strip()]
+    reasons: list[str] = []
+    for line in errors:
+        text = _FUNC_PREFIX.sub("", line)
+        if text and not _WRAPPER.match(text) and text not in reasons:
+            reasons.append(text)
+    if reasons:
+        return "; ".join(reasons)
     if errors:
         return errors[-1]
     tail = [t.strip() for _, t in lines if t.strip()]
@@ -86,19 +126,99 @@ def _last_error(since: int) -> str:
 
 @dataclass
 class EngineOptions:
-    """How to load the model and size its context (names follow llama.cpp's flags)."""
+    """How to load the model, place it on devices and size its context (llama.cpp's flag names).
+
+    Placement: `n_gpu_layers` None means "all when a GPU is present"; -1 is all, 0 none.
+    `cpu_moe` / `n_cpu_moe` / `override_tensor` keep tensors in RAM as llama.cpp's --cpu-moe,
+    --n-cpu-moe and -ot do. `fit` None turns the planner on when a GPU is present and no
+    placement was given by hand; `vram` (bytes) replaces the device's free memory in that plan.
+    """
 
     ctx_size: int = 4096
     threads: int | None = None
     batch_size: int = 512
     ubatch_size: int = 512
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = None
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: str = "auto"  # on | off | auto
     logits_all: bool = False  # keep every position's logits (tests, eval)
     use_mmap: bool = True
     vocab_only: bool = False  # tokenizer and metadata only (fast; no weights, no context)
+    cpu_moe: bool = False
+    n_cpu_moe: int = 0
+    override_tensor: list[str] = field(default_factory=list)  # "REGEX=BUFT"; the first match wins
+    fit: bool | None = None
+    vram: int | None = None
+
+    @property
+    def manual_placement(self) -> bool:
+        """Whether the user placed tensors by hand (then --fit stays off unless asked)."""
+        return self.n_gpu_layers is not None or self.cpu_moe or self.n_cpu_moe > 0 or bool(self.override_tensor)
+
+    def check(self) -> None:
+        """Raise OptionsError for values llama.cpp would reject or misread (no model needed)."""
+        if self.ctx_size < 1:
+            raise OptionsError(f"-c/--ctx-size must be at least 1, got {self.ctx_size}")
+        if self.batch_size < 1 or self.ubatch_size < 1:
+            raise OptionsError("-b/--batch-size and -ub/--ubatch-size must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise OptionsError(f"-t/--threads must be at least 1, got {self.threads}")
+        if self.flash_attn not in FLASH_ATTN:
+            raise OptionsError(f"-fa/--flash-attn must be on, off or auto, got {self.flash_attn!r}")
+        for flag, value in (("-ctk/--cache-type-k", self.type_k), ("-ctv/--cache-type-v", self.type_v)):
+            if value not in KV_TYPES:
+                raise OptionsError(f"{flag} must be one of {', '.join(KV_TYPES)}, got {value!r}")
+        if self.n_gpu_layers is not None and self.n_gpu_layers < -1:
+            raise OptionsError(f"-ngl/--n-gpu-layers must be a number of layers or 'all', got {self.n_gpu_layers}")
+        if self.n_cpu_moe < 0:
+            raise OptionsError(f"--n-cpu-moe must be 0 or more, got {self.n_cpu_moe}")
+        for rule in self.override_tensor:
+            parse_override(rule)
+        if self.vram is not None and self.vram <= 0:
+            raise OptionsError("--vram must be a positive size such as 24G")
+        if self.fit and self.manual_placement:
+            raise OptionsError("--fit chooses -ngl and the expert placement itself; drop -ngl/--cpu-moe/"
+                               "--n-cpu-moe/-ot, or pass --no-fit to place tensors by hand")
+
+
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+QUANTIZED_KV = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
+
+
+def parse_override(rule: str) -> tuple[str, str]:
+    """`REGEX=BUFT` (llama.cpp's -ot syntax) → (regex, buffer type name); checks the regex."""
+    pattern, sep, buft = rule.rpartition("=")
+    if not sep or not pattern or not buft:
+        raise OptionsError(f"-ot/--override-tensor wants REGEX=BUFFER_TYPE (e.g. 'ffn_.*_exps=CPU'), got {rule!r}")
+    try:
+        # llama.cpp matches with std::regex (ECMAScript) and regex_search; Python's syntax
+        # agrees for the patterns people write, and a bad one fails here instead of mid-load.
+        re.compile(pattern)
+    except re.error as e:
+        raise OptionsError(f"-ot {rule!r}: the pattern is not a valid regex ({e})") from None
+    return pattern, buft
+
+
+def check_cache_types(info: ModelInfo, type_k: str, type_v: str, flash_attn: str) -> None:
+    """Explain, before llama.cpp refuses the context, why a K/V cache type combination cannot work.
+
+    Rules measured on this llama.cpp build (tests/test_offload.py walks all of them):
+    an MLA model caches only K rows and reads V out of them, so K and V must have one type; a
+    quantized V cache needs flash attention (`-fa auto` turns it on by itself); and a quantized
+    type needs rows that are a whole number of its 32-value blocks.
+    """
+    if info.is_mla and type_k != type_v:
+        raise OptionsError(f"-ctk {type_k} with -ctv {type_v}: {info.arch} uses MLA, whose cache stores only K rows "
+                           f"and reads V from them, so both must be the same type (e.g. -ctk {type_k} -ctv {type_k})")
+    if type_v in QUANTIZED_KV and flash_attn == "off":
+        raise OptionsError(f"a quantized V cache (-ctv {type_v}) needs flash attention; use -fa on or -fa auto, "
+                           "or an f16/bf16/f32 cache")
+    for flag, what, row, kind in (("-ctk", "K", info.head_k, type_k), ("-ctv", "V", info.head_v, type_v)):
+        block = CACHE_TYPES[kind][0]
+        if row % block:
+            raise OptionsError(f"{flag} {kind} stores blocks of {block} values but this model's {what} cache rows "
+                               f"have {row}; use f16, bf16 or f32")
 
 
 @dataclass
@@ -146,6 +266,15 @@ class Done:
     usage: Usage
     timings: Timings
     unclosed_reasoning: bool = False
+    dropped_messages: int = 0  # chat(): non-system messages left out from the start to fit the context
+    tool_calls: tuple[ToolCall, ...] = ()  # the well-formed calls, also yielded as they completed
+
+
+Event = Union[Delta, ToolCallDelta, ToolCall, MalformedToolCall, Done]
+
+
+def _is_system(message: dict[str, Any]) -> bool:
+    return message.get("role") in ("system", "developer")
 
 
 @dataclass
@@ -153,24 +282,252 @@ class _State:
     tokens: list[int] = field(default_factory=list)
 
 
+# ----------------------------------------------------------------------------- ggml devices
+GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "ACCEL"}
+_OFFLOAD_TYPES = ("GPU", "iGPU")
+_ggml_fns: dict[str, Any] = {}
+
+
+def _ggml(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A ggml function from the copy of libggml that libllama itself is linked against.
+
+    dlsym on libllama's handle searches libllama and then its dependencies, so the symbol comes
+    from the libggml-base / libggml already mapped into the process. Opening
+    llama_cpp/lib/libggml-base.so by path would not do: the wheel ships it as a separate file
+    beside libggml-base.so.0 (the soname libllama was linked with), and that second copy has its
+    own backend registry and its own CPU buffer type — which llama.cpp compares by pointer to
+    recognise `=CPU` overrides. (Windows: the DLL already loaded under that name is reused.)
+    """
+    fn = _ggml_fns.get(name)
+    if fn is None:
+        llama()
+        import llama_cpp.llama_cpp as lc
+
+        proto = ctypes.CFUNCTYPE(restype, *argtypes)
+        try:
+            fn = proto((name, lc._lib))
+        except AttributeError:
+            if os.name != "nt":
+                raise
+            for dll in ("ggml-base.dll", "ggml.dll", "ggml-cpu.dll"):
+                try:
+                    fn = proto((name, ctypes.CDLL(dll)))
+                    break
+                except (AttributeError, OSError):
+                    continue
+            else:
+                raise
+        _ggml_fns[name] = fn
+    return fn
+
+
+@dataclass(frozen=True)
+class Device:
+    """A ggml backend device as llama.cpp sees it."""
+
+    name: str  # CPU, CUDA0, Metal, Vulkan0 …
+    description: str
+    kind: str  # CPU | GPU | iGPU | ACCEL
+    backend: str  # the registry it belongs to
+    free: int  # bytes
+    total: int  # bytes
+
+
+def _dev_handles() -> list[int]:
+    count = _ggml("ggml_backend_dev_count", ctypes.c_size_t)
+    get = _ggml("ggml_backend_dev_get", ctypes.c_void_p, ctypes.c_size_t)
+    return [get(i) for i in range(count())]
+
+
+def devices() -> list[Device]:
+    """Every device compiled into this llama.cpp build, with its memory."""
+    name = _ggml("ggml_backend_dev_name", ctypes.c_char_p, ctypes.c_void_p)
+    desc = _ggml("ggml_backend_dev_description", ctypes.c_char_p, ctypes.c_void_p)
+    dtype = _ggml("ggml_backend_dev_type", ctypes.c_int, ctypes.c_void_p)
+    memory = _ggml("ggml_backend_dev_memory", None, ctypes.c_void_p,
+                   ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t))
+    reg = _ggml("ggml_backend_dev_backend_reg", ctypes.c_void_p, ctypes.c_void_p)
+    reg_name = _ggml("ggml_backend_reg_name", ctypes.c_char_p, ctypes.c_void_p)
+    out = []
+    for dev in _dev_handles():
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(Device(name=(name(dev) or b"?").decode(), description=(desc(dev) or b"").decode(),
+                          kind=GGML_DEVICE_TYPES.get(dtype(dev), "other"), backend=(reg_name(reg(dev)) or b"?").decode(),
+                          free=int(free.value), total=int(total.value)))
+    return out
+
+
+def gpu_devices() -> list[Device]:
+    """The devices llama.cpp can offload layers to (discrete or integrated GPUs)."""
+    return [d for d in devices() if d.kind in _OFFLOAD_TYPES]
+
+
+def backends() -> list[tuple[str, int]]:
+    """The backend registry: (name, number of devices) for each backend compiled in."""
+    count = _ggml("ggml_backend_reg_count", ctypes.c_size_t)
+    get = _ggml("ggml_backend_reg_get", ctypes.c_void_p, ctypes.c_size_t)
+    reg_name = _ggml("ggml_backend_reg_name", ctypes.c_char_p, ctypes.c_void_p)
+    dev_count = _ggml("ggml_backend_reg_dev_count", ctypes.c_size_t, ctypes.c_void_p)
+    return [((reg_name(get(i)) or b"?").decode(), int(dev_count(get(i)))) for i in range(count())]
+
+
+def system_info() -> str:
+    """llama.cpp's own summary of the CPU features it was built with."""
+    return llama().llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def buffer_types() -> dict[str, int]:
+    """Buffer types an -ot rule may name, by buffer-type name and by device name (CPU, CUDA0 …).
+
+    "CPU" is ggml_backend_cpu_buffer_type() itself: llama.cpp recognises it by pointer and then
+    picks the best CPU buffer (repacked, or the GPU backend's pinned host memory).
+    """
+    dev_name = _ggml("ggml_backend_dev_name", ctypes.c_char_p, ctypes.c_void_p)
+    dev_buft = _ggml("ggml_backend_dev_buffer_type", ctypes.c_void_p, ctypes.c_void_p)
+    buft_name = _ggml("ggml_backend_buft_name", ctypes.c_char_p, ctypes.c_void_p)
+    out: dict[str, int] = {}
+    for dev in _dev_handles():
+        buft = dev_buft(dev)
+        if buft:
+            out.setdefault((buft_name(buft) or b"?").decode(), buft)
+            out.setdefault((dev_name(dev) or b"?").decode(), buft)
+    out["CPU"] = _ggml("ggml_backend_cpu_buffer_type", ctypes.c_void_p)()
+    return out
+
+
+class _BuftOverride(ctypes.Structure):
+    """llama.h's `struct llama_model_tensor_buft_override` (llama-cpp-python declares the field
+    of llama_model_params as a bare pointer and no struct)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def override_rules(opts: EngineOptions, n_layer: int | None = None) -> list[str]:
+    """All REGEX=BUFT rules a set of options asks for, in the order llama.cpp tries them:
+    the user's -ot first (the first match wins), then --cpu-moe / --n-cpu-moe."""
+    rules = list(opts.override_tensor)
+    if opts.cpu_moe:
+        rules.append(EXPERTS_REGEX + "=CPU")
+    elif opts.n_cpu_moe > 0:
+        rules += expert_overrides(opts.n_cpu_moe, n_layer)
+    return rules
+
+
+# ----------------------------------------------------------------------------- placement
+@dataclass(frozen=True)
+class Placement:
+    """How a model will be placed: concrete options (--fit resolved), the plan, remarks for the user."""
+
+    options: EngineOptions  # fit resolved into n_gpu_layers / n_cpu_moe; fit is False
+    plan: Plan | None = None  # what --fit chose, when it ran
+    applied: bool = True  # False when the plan was only computed (no GPU in this build)
+    notices: tuple[str, ...] = ()
+    single_gpu: str | None = None  # --fit plans for one device: the model goes to this one only
+
+
+def place(model_path: str | os.PathLike[str], options: EngineOptions, info: ModelInfo | None = None) -> Placement:
+    """Resolve the placement options against the devices of this build (and plan when --fit is on).
+
+    Without a GPU backend every GPU flag is a no-op: say so once instead of silently ignoring
+    it. With one, --fit (the default unless tensors were placed by hand) reads the GGUF header
+    and plans for the first GPU's free memory, or for `vram` bytes.
+    """
+    opts = options
+    opts.check()
+    gpus = gpu_devices()
+    notices: list[str] = []
+    if not gpus:
+        flags = [flag for flag, on in (("-ngl", opts.n_gpu_layers not in (None, 0)), ("--cpu-moe", opts.cpu_moe),
+                                       ("--n-cpu-moe", opts.n_cpu_moe > 0), ("--fit", bool(opts.fit)),
+                                       ("--vram", opts.vram is not None)) if on]
+        plan_ = None
+        if flags:
+            verb = "has" if len(flags) == 1 else "have"
+            notices.append(f"this llama.cpp build has no GPU backend, so everything runs on the CPU and {', '.join(flags)} "
+                           f"{verb} no effect; `make install-cuda` or `make install-metal` rebuilds it with one")
+        if opts.fit and opts.vram is not None:
+            info = info or read_model(model_path)
+            plan_ = plan(info, budget=max(opts.vram - DEFAULT_HEADROOM, 0), n_ctx=opts.ctx_size, type_k=opts.type_k,
+                         type_v=opts.type_v, n_ubatch=min(opts.ubatch_size, opts.batch_size),
+                         flash_attn=opts.flash_attn, device="GPU")
+            notices.append(f"the --fit plan for --vram {opts.vram / 2**30:.1f} GiB is shown, not applied")
+        # -ot rules for a device this build lacks are dropped with a notice, like the other GPU
+        # flags: the same command line then runs on a CPU-only machine.
+        known = buffer_types()
+        kept, dropped = [], []
+        for rule in opts.override_tensor:
+            name = parse_override(rule)[1]
+            (kept if name in known or name.lower() in {k.lower() for k in known} else dropped).append(rule)
+        if dropped:
+            notices.append(f"-ot {', '.join(repr(r) for r in dropped)} ignored: this build has no such device, "
+                           f"only {', '.join(sorted(known))}")
+        resolved = replace(opts, fit=False, n_gpu_layers=0, override_tensor=kept)
+        return Placement(resolved, plan_, applied=False, notices=tuple(notices))
+    fit = opts.fit if opts.fit is not None else not opts.manual_placement
+    if not fit:
+        return Placement(replace(opts, fit=False, n_gpu_layers=-1 if opts.n_gpu_layers is None else opts.n_gpu_layers))
+    dev = gpus[0]
+    info = info or read_model(model_path)
+    memory = opts.vram if opts.vram is not None else dev.free
+    plan_ = plan(info, budget=max(memory - DEFAULT_HEADROOM, 0), n_ctx=opts.ctx_size, type_k=opts.type_k,
+                 type_v=opts.type_v, n_ubatch=min(opts.ubatch_size, opts.batch_size), flash_attn=opts.flash_attn,
+                 device=dev.name)
+    if len(gpus) > 1:
+        notices.append(f"--fit plans for one GPU and puts the model on {dev.name} only; "
+                       "place it by hand (-ngl, -ot) to use the others")
+    if plan_.n_gpu_layers <= plan_.n_layer:
+        notices.append(f"{info.path.name} does not fit on {dev.name} even with every routed expert in RAM: "
+                       f"{max(plan_.n_gpu_layers - 1, 0)} of {plan_.n_layer} blocks on the GPU")
+    resolved = replace(opts, fit=False, n_gpu_layers=plan_.n_gpu_layers, n_cpu_moe=plan_.n_cpu_moe, cpu_moe=False)
+    return Placement(resolved, plan_, notices=tuple(notices), single_gpu=dev.name)
+
+
 class Engine:
-    """A loaded GGUF model with one context. Not thread-safe: one generation at a time."""
+    """A loaded GGUF model with one context. Not thread-safe: one generation at a time.
+
+    `placement` says how the weights were placed (with the --fit plan, if one ran) and
+    `notices` holds one-line remarks the caller should show (e.g. GPU flags without a GPU).
+    """
 
     def __init__(self, model_path: str | os.PathLike[str], options: EngineOptions | None = None,
-                 progress: Callable[[float], None] | None = None) -> None:
+                 progress: Callable[[float], None] | None = None, *, placement: Placement | None = None) -> None:
         L = llama()
         self.path = Path(model_path)
         self.options = opts = options or EngineOptions()
         self._state = _State()
+        self.ctx = None
+        self.model = None
+        self._batch = None
         if not self.path.is_file():
             raise ModelLoadError(f"model file {self.path} does not exist")
-        if opts.type_k not in KV_TYPES or opts.type_v not in KV_TYPES:
-            raise ContextError(f"KV cache types must be among {', '.join(KV_TYPES)}")
-        mark = _log_mark()
+        opts.check()
+        info = None
+        self.placement = Placement(opts)
+        if not opts.vocab_only:
+            # The header is read before llama.cpp loads anything, so that a cache type or a
+            # placement that cannot work is explained in seconds, not after a 67 GB load. An
+            # unreadable header is left to llama.cpp, whose own reason is the one to show.
+            try:
+                info = read_model(self.path)
+            except ModelLoadError:
+                info = None
+            if info is not None:
+                check_cache_types(info, opts.type_k, opts.type_v, opts.flash_attn)
+            self.placement = placement or place(self.path, opts, info)
+        self.notices: list[str] = list(self.placement.notices)
+        popts = self.placement.options
+        mark = log_mark()
         mparams = L.llama_model_default_params()
-        mparams.n_gpu_layers = opts.n_gpu_layers
+        mparams.n_gpu_layers = -1 if popts.n_gpu_layers is None else popts.n_gpu_layers
         mparams.use_mmap = opts.use_mmap
         mparams.vocab_only = opts.vocab_only
+        if self.placement.single_gpu is not None:
+            mparams.split_mode = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
+            mparams.main_gpu = 0
+        self._overrides = self._override_array(override_rules(popts, info.n_layer if info else None))
+        if self._overrides is not None:
+            mparams.tensor_buft_overrides = ctypes.addressof(self._overrides)
 
         def on_progress(p: float, _user: Any) -> bool:
             if progress is not None:
@@ -188,8 +545,10 @@ class Engine:
         self.eos_id = L.llama_vocab_eos(self.vocab)
         self.bos_id = L.llama_vocab_bos(self.vocab)
         self.think_ids = (self._special_id("[THINK]"), self._special_id("[/THINK]"))
-        self.ctx = None
-        self._batch = None
+        # Output tags by id, looked up in this vocabulary (never hard-coded: spec §4.3).
+        self.tags = Tags.from_ids(think=self.think_ids[0], think_end=self.think_ids[1],
+                                  tool_calls=self._special_id("[TOOL_CALLS]"), args=self._special_id("[ARGS]"),
+                                  call_id=self._special_id("[CALL_ID]"), eos=self.eos_id)
         if opts.vocab_only:
             return
         cparams = L.llama_context_default_params()
@@ -201,9 +560,9 @@ class Engine:
         cparams.n_threads_batch = threads
         cparams.type_k = KV_TYPES[opts.type_k]
         cparams.type_v = KV_TYPES[opts.type_v]
-        cparams.flash_attn_type = {"auto": -1, "off": 0, "on": 1}[opts.flash_attn]
-        cparams.no_perf = True
-        mark = _log_mark()
+        cparams.flash_attn_type = FLASH_ATTN[opts.flash_attn]
+        cparams.no_perf = False  # llama.cpp's own token counters back `perf()`
+        mark = log_mark()
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             L.llama_model_free(self.model)
@@ -211,6 +570,27 @@ class Engine:
             raise ContextError(f"llama.cpp could not create a context: {_last_error(mark)}")
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self._batch = L.llama_batch_init(opts.batch_size, 0, 1)
+
+    @staticmethod
+    def _override_array(rules: list[str]) -> Any:
+        """A NULL-terminated llama_model_tensor_buft_override[] for `rules`.
+
+        llama.cpp keeps the pointer in the model's parameters and reads the patterns while it
+        loads, so the array (which owns the pattern bytes) lives as long as the Engine.
+        """
+        if not rules:
+            return None
+        bufts = buffer_types()
+        arr = (_BuftOverride * (len(rules) + 1))()
+        for i, rule in enumerate(rules):
+            pattern, name = parse_override(rule)
+            buft = bufts.get(name) or next((v for k, v in bufts.items() if k.lower() == name.lower()), None)
+            if buft is None:
+                raise OptionsError(f"-ot {rule!r}: no buffer type {name!r} in this llama.cpp build; "
+                                   f"it has {', '.join(sorted(bufts))}")
+            arr[i].pattern = pattern.encode()
+            arr[i].buft = buft
+        return arr  # the zeroed last entry is the terminator
 
     # ----------------------------------------------------------------------------- metadata
     def _read_metadata(self) -> dict[str, str]:
@@ -285,9 +665,10 @@ class Engine:
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = 0
                 b.logits[i] = want_all or (off + i == len(tokens) - 1)
+            mark = log_mark()
             rc = L.llama_decode(self.ctx, b)
             if rc != 0:
-                raise ContextError(f"llama_decode failed (code {rc}): {_last_error(0)}")
+                raise ContextError(f"llama_decode failed (code {rc}): {_last_error(mark)}")
 
     def _sync_prefix(self, tokens: list[int]) -> int:
         """Drop the cached tail that differs from `tokens`; return how many tokens are reused.
@@ -300,12 +681,14 @@ class Engine:
         limit = min(len(cached), len(tokens) - 1)
         while keep < limit and cached[keep] == tokens[keep]:
             keep += 1
-        if keep < len(cached):
-            mem = L.llama_get_memory(self.ctx)
-            if not L.llama_memory_seq_rm(mem, 0, keep, -1):
-                L.llama_memory_clear(mem, True)
-                keep = 0
-            del cached[keep:]
+        # Trim even when the recorded tokens are all kept: a decode interrupted before its token
+        # was recorded (Ctrl-C between llama_decode and the append) leaves positions in the KV
+        # cache that the list does not know about, and the next decode at those positions fails.
+        mem = L.llama_get_memory(self.ctx)
+        if not L.llama_memory_seq_rm(mem, 0, keep, -1):
+            L.llama_memory_clear(mem, True)
+            keep = 0
+        del cached[keep:]
         return keep
 
     def reset(self) -> None:
@@ -339,9 +722,63 @@ class Engine:
 
     def prompt_tokens(self, messages: list[dict[str, Any]], *, reasoning_effort: str | None = None,
                       tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """The ids the engine evaluates for a conversation (the template already emits BOS)."""
-        return self.tokenize(self.render(messages, reasoning_effort=reasoning_effort, tools=tools),
-                             add_special=False, parse_special=True)
+        """The ids the engine evaluates for a conversation (the template already emits BOS).
+
+        Control tokens come from the template only: text inside a message that reads like one
+        ("[INST]", "</s>") is tokenized as the plain text it is, as mistral-common does.
+        """
+        template = self.chat_template
+        if not template:
+            raise ContextError(f"{self.path.name} has no chat template; re-convert it with `ms4local quantize`")
+        text, ranges = render_marked(template, messages, reasoning_effort=reasoning_effort, tools=tools,
+                                     bos_token=self.piece(self.bos_id).decode("utf-8", "replace"),
+                                     eos_token=self.piece(self.eos_id).decode("utf-8", "replace"))
+        ids = self.tokenize(text, add_special=False, parse_special=True)
+        if not ranges or not any(self._special_re.search(text, a, b) for a, b in ranges):
+            return ids  # no message text could be taken for a control token
+        return self._unspecial(text, ids, ranges)
+
+    @property
+    def _special_re(self) -> re.Pattern[str]:
+        """Finds the text of any token llama.cpp matches as special (control or user-defined)."""
+        if self.__dict__.get("_special_pattern") is None:
+            L = llama()
+            mask = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
+            texts = {self.piece(t).decode("utf-8", "replace") for t in range(self.n_vocab)
+                     if L.llama_vocab_get_attr(self.vocab, t) & mask}
+            texts.discard("")
+            alternation = "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))
+            self._special_pattern = re.compile(alternation or r"(?!)")
+        return self._special_pattern
+
+    def _unspecial(self, text: str, ids: list[int], ranges: list[tuple[int, int]]) -> list[int]:
+        """Re-tokenize so that special tokens lying inside message text become plain text.
+
+        llama.cpp cuts the text at special tokens and tokenizes each piece between them on its
+        own; doing the same with the template's special tokens only gives its exact ids.
+        """
+        L = llama()
+        mask = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
+        data = text.encode("utf-8")
+        byte_ranges = [(len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))) for a, b in ranges]
+        pieces = [self.piece(t) for t in ids]
+        if b"".join(pieces) != data:
+            return ids  # cannot map tokens back to the text; keep llama.cpp's reading
+        out: list[int] = []
+        start = pos = 0  # the byte span of plain text waiting to be tokenized
+        for tok, p in zip(ids, pieces):
+            end = pos + len(p)
+            legit = (L.llama_vocab_get_attr(self.vocab, tok) & mask) and \
+                not any(a < end and pos < b for a, b in byte_ranges)
+            if legit:
+                if pos > start:
+                    out += self.tokenize(data[start:pos].decode("utf-8"), parse_special=False)
+                out.append(tok)
+                start = end
+            pos = end
+        if pos > start:
+            out += self.tokenize(data[start:pos].decode("utf-8"), parse_special=False)
+        return out
 
     def _sampler(self, s: Sampling) -> Any:
         L = llama()
@@ -362,8 +799,14 @@ class Engine:
         L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def generate(self, prompt: list[int], sampling: Sampling | None = None) -> Iterator[Delta | Done]:
-        """Stream the continuation of `prompt`: `Delta`s, then one `Done`."""
+    def generate(self, prompt: list[int], sampling: Sampling | None = None) -> Iterator[Event]:
+        """Stream the continuation of `prompt`: `Delta`s (answer or reasoning text), tool-call
+        events (`ToolCallDelta` as arguments stream, then `ToolCall` or `MalformedToolCall`), then
+        one `Done`.
+
+        Generated ids go through `StreamParser` in token mode: only the vocabulary's control
+        tokens are tags, so text that merely reads "[THINK]" stays text.
+        """
         L = llama()
         s = sampling or Sampling()
         if len(prompt) >= self.n_ctx:
@@ -376,12 +819,28 @@ class Engine:
         t_prompt = time.perf_counter() - t0
         chain = self._sampler(s)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        think_open, think_close = self.think_ids
-        in_reasoning = False
+        parser = StreamParser(self.tags)
+        calls: list[ToolCall] = []
+        unclosed = False
         produced = 0
         finish = "length"
         ttft = None
         t_dec = time.perf_counter()
+
+        def events(batch: list[StreamEvent]) -> Iterator[Event]:
+            nonlocal unclosed
+            for ev in batch:
+                if isinstance(ev, ContentDelta):
+                    yield Delta(ev.text)
+                elif isinstance(ev, ReasoningDelta):
+                    yield Delta(ev.text, reasoning=True)
+                elif isinstance(ev, End):
+                    unclosed = ev.unclosed_reasoning
+                else:
+                    if isinstance(ev, ToolCall):
+                        calls.append(ev)
+                    yield ev
+
         try:
             while produced < s.max_tokens and len(self._state.tokens) < self.n_ctx:
                 tok = L.llama_sampler_sample(chain, self.ctx, -1)
@@ -391,33 +850,106 @@ class Engine:
                 if L.llama_vocab_is_eog(self.vocab, tok):
                     finish = "stop"
                     break
-                if tok == think_open:
-                    in_reasoning = True
-                elif tok == think_close:
-                    in_reasoning = False
+                if tok in self.tags.ids:
+                    text = decoder.decode(b"", final=True)
+                    if text:
+                        yield from events(parser.feed(text))
+                    yield from events(parser.feed(self.piece(tok).decode("utf-8", "replace"), token=tok))
                 else:
                     text = decoder.decode(self.piece(tok))
                     if text:
-                        yield Delta(text, reasoning=in_reasoning)
+                        yield from events(parser.feed(text, token=tok))
                 self._decode([tok], len(self._state.tokens), want_all=False)
                 self._state.tokens.append(tok)
             tail = decoder.decode(b"", final=True)
             if tail:
-                yield Delta(tail, reasoning=in_reasoning)
+                yield from events(parser.feed(tail))
+            yield from events(parser.finish())
         finally:
             L.llama_sampler_free(chain)
         decode_s = time.perf_counter() - t_dec
         yield Done(
-            finish_reason=finish,
+            finish_reason="tool_calls" if calls and finish == "stop" else finish,
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=cached),
             timings=Timings(len(todo), t_prompt, ttft if ttft is not None else t_prompt, decode_s, produced),
-            unclosed_reasoning=in_reasoning,
+            unclosed_reasoning=unclosed,
+            tool_calls=tuple(calls),
         )
 
     def chat(self, messages: list[dict[str, Any]], sampling: Sampling | None = None, *,
-             reasoning_effort: str | None = None, tools: list[dict[str, Any]] | None = None) -> Iterator[Delta | Done]:
-        """Render the conversation with the GGUF's template and stream the answer."""
-        return self.generate(self.prompt_tokens(messages, reasoning_effort=reasoning_effort, tools=tools), sampling)
+             reasoning_effort: str | None = None, tools: list[dict[str, Any]] | None = None) -> Iterator[Event]:
+        """Render the conversation with the GGUF's template and stream the answer.
+
+        When the conversation no longer fits, the oldest turns are left out (system messages
+        never are) and `Done.dropped_messages` says how many non-system messages from the start
+        were dropped. A caller that drops the same messages from its history keeps the prompt
+        prefix stable, so the next turn reuses the KV cache instead of evaluating everything.
+        """
+        s = sampling or Sampling()
+        prompt, dropped = self._fit_conversation(messages, s, reasoning_effort, tools)
+        stream = self.generate(prompt, s)
+        if not dropped:
+            return stream
+        return (replace(e, dropped_messages=dropped) if isinstance(e, Done) else e for e in stream)
+
+    def _fit_conversation(self, messages: list[dict[str, Any]], s: Sampling, reasoning_effort: str | None,
+                          tools: list[dict[str, Any]] | None) -> tuple[list[int], int]:
+        """The prompt ids, dropping whole turns from the oldest until it fits; (ids, messages dropped).
+
+        "Fits" leaves room to answer: min(max_tokens, n_ctx/4) tokens. A turn starts at a user
+        message; the last one is never dropped. If even the system prompt and the last turn leave
+        no room, they are still used as long as they fit at all (the answer may stop at "length").
+        """
+        def ids(cut: int) -> list[int]:
+            kept = [m for i, m in enumerate(messages) if i >= cut or _is_system(m)]
+            return self.prompt_tokens(kept, reasoning_effort=reasoning_effort, tools=tools)
+
+        room = min(s.max_tokens, self.n_ctx // 4)
+        prompt = ids(0)
+        if len(prompt) + room <= self.n_ctx:
+            return prompt, 0
+        cuts = [i for i, m in enumerate(messages) if i > 0 and m.get("role") == "user"]
+        cuts = [c for c in cuts if any(not _is_system(m) for m in messages[:c])]
+        if not cuts:
+            return prompt, 0  # nothing to drop; generate() judges whether it fits at all
+        # Fewer tokens the more turns go; find the fewest dropped turns that leave room.
+        lo, hi, best = 0, len(cuts) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            trial = ids(cuts[mid])
+            if len(trial) + room <= self.n_ctx:
+                best, hi = (mid, trial), mid - 1
+            else:
+                lo = mid + 1
+        if best is None:
+            trial = ids(cuts[-1])
+            if len(trial) >= self.n_ctx:
+                raise ContextError(f"the system prompt and the last message alone take {len(trial)} tokens "
+                                   f"but the context holds {self.n_ctx}; raise -c")
+            best = (len(cuts) - 1, trial)
+        cut = cuts[best[0]]
+        return best[1], sum(1 for m in messages[:cut] if not _is_system(m))
+
+    # ----------------------------------------------------------------------------- stats
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The token ids whose keys are in the KV cache, in order (a copy)."""
+        return list(self._state.tokens)
+
+    def perf(self) -> dict[str, int]:
+        """llama.cpp's own counters since the context was made (or `reset_perf`): `prompt_eval`
+        counts tokens evaluated in batches of two or more, `eval` single-token steps.
+
+        llama.cpp reports at least 1 for each (a fresh context says 1/1), and counts a batch
+        only once it has been waited for, so this synchronises first.
+        """
+        L = llama()
+        L.llama_synchronize(self.ctx)
+        d = L.llama_perf_context(self.ctx)
+        return {"prompt_eval": int(d.n_p_eval), "eval": int(d.n_eval)}
+
+    def reset_perf(self) -> None:
+        llama().llama_perf_context_reset(self.ctx)
 
     # ----------------------------------------------------------------------------- lifetime
     def close(self) -> None:

@@ -17,3 +17,15 @@ class ContextError(Ms4localError):
 
 class PromptError(Ms4localError):
     """The conversation cannot be rendered with the model's chat template."""
+
+
+class OptionsError(Ms4localError):
+    """Engine options that cannot work: a malformed value, or a combination llama.cpp would refuse."""
+
+
+class EvalError(Ms4localError):
+    """An evaluation that cannot run as asked: a text too short for the context, no text at all."""
+
+
+class VocabMismatchError(EvalError):
+    """The model and the reference do not share a vocabulary, so their distributions cannot be compared."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -138,3 +139,69 @@ def load_conversation(messages_path: str | os.PathLike[str], tools_path: str | o
         where = os.fspath(tools_path) if tools_path is not None else f"\"tools\" in {os.fspath(messages_path)}"
         raise PromptError(f"{where} must be a list of tool definitions (objects)")
     return data, tools
+
+
+# ----------------------------------------------------------------------------------- message text
+# Message text must not be read as control tokens: a user who writes "[INST]" typed five
+# characters, not a turn boundary (mistral-common encodes every message's text as plain text).
+# llama.cpp's tokenizer only knows "parse specials in this whole string, or nowhere", so the
+# prompt is rendered a second time with invisible markers around each message text, which tells
+# which characters came from messages and which from the template.
+_TEXT_KEYS = ("content", "text", "thinking", "reasoning_content", "reasoning")
+_MARKERS = [("\ue000", "\ue001"), ("\U000f0000", "\U000f0001"), ("\U00100000", "\U00100001")]
+
+
+def _mark(value: Any, begin: str, end: str) -> Any:
+    """A copy of messages with every message text wrapped in markers (inside its outer spaces,
+    so that a template's strip()/rstrip() gives the same text it would without them)."""
+    if isinstance(value, list):
+        return [_mark(v, begin, end) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for k, v in value.items():
+        if k in _TEXT_KEYS and isinstance(v, str) and v.strip():
+            lead = len(v) - len(v.lstrip())
+            core = v.strip()
+            trail = v[lead + len(core):]
+            out[k] = v[:lead] + begin + core + end + trail
+        elif k in ("content",) and isinstance(v, list):
+            out[k] = _mark(v, begin, end)
+        else:
+            out[k] = v
+    return out
+
+
+def render_marked(template: str, messages: list[dict[str, Any]], **kwargs: Any) -> tuple[str, list[tuple[int, int]] | None]:
+    """The prompt text (as `render` gives it) and the character ranges that are message text.
+
+    The ranges are None when they cannot be trusted (the template changed the marked text in a
+    way that makes the two renders differ); the caller then treats the whole prompt as template.
+    """
+    text = render(template, messages, **kwargs)
+    for begin, end in _MARKERS:
+        if begin not in text and end not in text:
+            break
+    else:
+        return text, None
+    marked = render(template, _mark(messages, begin, end), **kwargs)
+    ranges: list[tuple[int, int]] = []
+    plain: list[str] = []
+    pos = 0
+    inside: int | None = None
+    for part in re.split(f"({re.escape(begin)}|{re.escape(end)})", marked):
+        if part == begin or part == end:
+            if (part == begin) == (inside is not None):
+                return text, None  # unbalanced: the template cut or reordered a text
+            if part == begin:
+                inside = pos
+            else:
+                if pos > inside:
+                    ranges.append((inside, pos))
+                inside = None
+        elif part:
+            plain.append(part)
+            pos += len(part)
+    if inside is not None or "".join(plain) != text:
+        return text, None
+    return text, ranges

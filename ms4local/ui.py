@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
 
-from rich.console import Console
+from markdown_it import MarkdownIt
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.segment import Segment
+from rich.text import Text
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
@@ -92,3 +99,175 @@ def stats_line(done: Any) -> str:
     u, t = done.usage, done.timings
     return (f"prompt {u.prompt_tokens} tok ({u.cached_tokens} cached) · {u.completion_tokens} generated · "
             f"TTFT {t.ttft_seconds * 1000:.0f} ms · {t.decode_tps:.1f} tok/s · {done.finish_reason}")
+
+
+def turn_stats_line(turn: Any) -> str:
+    """The line after a chat turn; a stopped turn has no `Done`, so it shows what is known."""
+    if turn.done is not None and not turn.stopped:
+        return stats_line(turn.done)
+    kept = "partial answer kept" if turn.committed else "nothing kept"
+    rate = ""
+    if turn.first_token is not None and turn.generated > 1:
+        # Tokens after the first over the time after it: the decode rate, as stats_line shows it.
+        seconds = (turn.ended or time.perf_counter()) - turn.first_token
+        rate = f" · {(turn.generated - 1) / seconds:.1f} tok/s" if seconds > 0 else ""
+    return f"stopped · {turn.generated} generated{rate} · {kept}"
+
+
+# ----------------------------------------------------------------------------------- chat turns
+# Rich's Markdown drops raw HTML; an answer that writes <div> or <T> in prose must keep it.
+_MD_PARSER = MarkdownIt("commonmark", {"html": False}).enable("strikethrough").enable("table")
+
+
+class AnswerMarkdown(Markdown):
+    """Rich's Markdown with raw HTML shown as text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__("")
+        self.markup = text
+        self.parsed = _MD_PARSER.parse(text)
+
+
+class _Tail:
+    """The last `max_lines` lines of a renderable: what a live view shows of a long answer."""
+
+    def __init__(self, renderable: RenderableType, max_lines: int) -> None:
+        self.renderable = renderable
+        self.max_lines = max(1, max_lines)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        lines = console.render_lines(self.renderable, options.reset_height(), pad=False)
+        for line in lines[-self.max_lines:]:
+            yield from line
+            yield Segment.line()
+
+
+class ChatView:
+    """Draws one streamed chat turn: reasoning dim in its own panel above the answer (markdown).
+
+    On an interactive terminal both are redrawn live, showing only their last lines so a long
+    answer never scrolls out from under the redraw, then the whole turn is printed once. On a
+    dumb terminal or a pipe the text is written as it comes, without markdown. With
+    `hide_thinking` the reasoning folds to one line ("thought for N tokens").
+    """
+
+    REASONING_LINES = 6  # reasoning lines kept in view once the answer streams
+
+    def __init__(self, console: Console | None = None, *, hide_thinking: bool = False) -> None:
+        self.console = console or out
+        self.hide_thinking = hide_thinking
+        self.live = self.console.is_interactive
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.reasoning_tokens = 0
+        self._t_first: float | None = None
+        self._t_answer: float | None = None
+        self._plain_state = ""  # "", "reasoning", "content": what the plain writer wrote last
+        self._live: Live | None = None
+        self._last = 0.0
+        self._interval = 1 / 12
+
+    # ------------------------------------------------------------------------------- lifetime
+    def __enter__(self) -> ChatView:
+        if self.live:
+            self._live = Live(console=self.console, auto_refresh=False, transient=True, vertical_overflow="crop")
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+            self._print_final()
+        else:
+            self._plain_end()
+
+    def add(self, text: str, reasoning: bool) -> None:
+        """One streamed delta."""
+        now = time.perf_counter()
+        if self._t_first is None:
+            self._t_first = now
+        if reasoning:
+            self.reasoning.append(text)
+            self.reasoning_tokens += 1
+        else:
+            if self._t_answer is None:
+                self._t_answer = now
+            self.content.append(text)
+        if self._live is not None:
+            if now - self._last >= self._interval:
+                self._refresh()
+        else:
+            self._plain(text, reasoning)
+
+    # ------------------------------------------------------------------------------- pieces
+    def thought_line(self) -> str:
+        end = self._t_answer or time.perf_counter()
+        seconds = end - self._t_first if self._t_first is not None else 0.0
+        return f"thought for {self.reasoning_tokens} tokens ({seconds:.1f} s)"
+
+    def _reasoning_panel(self, body: RenderableType) -> Panel:
+        return Panel(body, title="thinking", title_align="left", border_style="dim", style="dim")
+
+    def _renderable(self) -> RenderableType:
+        height = max(4, self.console.size.height - 2)
+        parts: list[RenderableType] = []
+        answer = "".join(self.content)
+        if self.reasoning:
+            if self.hide_thinking:
+                parts.append(Text(f"thinking… {self.reasoning_tokens} tokens", style="dim"))
+                height -= 1
+            else:
+                lines = min(self.REASONING_LINES, height // 3) if answer else height - 2
+                parts.append(self._reasoning_panel(_Tail(Text("".join(self.reasoning).strip()), lines)))
+                height -= lines + 2
+        if answer:
+            parts.append(_Tail(AnswerMarkdown(answer), height))
+        return Group(*parts)
+
+    def _refresh(self) -> None:
+        if self._live is None:
+            return
+        t0 = time.perf_counter()
+        self._live.update(self._renderable(), refresh=True)
+        self._last = time.perf_counter()
+        # Markdown is parsed again on each redraw; keep redraws to a small share of the time.
+        self._interval = max(1 / 12, 4 * (self._last - t0))
+
+    def _print_final(self) -> None:
+        c = self.console
+        if self.reasoning:
+            if self.hide_thinking:
+                c.print(self.thought_line(), style="dim", markup=False, highlight=False)
+            else:
+                c.print(self._reasoning_panel(Text("".join(self.reasoning).strip())))
+        answer = "".join(self.content)
+        if answer.strip():
+            c.print(AnswerMarkdown(answer))
+
+    def _plain(self, text: str, reasoning: bool) -> None:
+        c = self.console
+        if reasoning:
+            if self.hide_thinking:
+                return
+            if self._plain_state != "reasoning":
+                c.print("thinking:", style="dim", markup=False, highlight=False)
+            c.print(text, style="dim", end="", markup=False, highlight=False, soft_wrap=True)
+            self._plain_state = "reasoning"
+            return
+        if self._plain_state != "content":
+            if self.reasoning and self.hide_thinking:
+                c.print(self.thought_line(), style="dim", markup=False, highlight=False)
+            elif self._plain_state == "reasoning":
+                c.print("\n", end="", markup=False)
+        c.file.write(text)
+        c.file.flush()
+        self._plain_state = "content"
+
+    def _plain_end(self) -> None:
+        c = self.console
+        if self.reasoning and self.hide_thinking and self._plain_state != "content":
+            c.print(self.thought_line(), style="dim", markup=False, highlight=False)
+        elif self._plain_state:
+            c.file.write("\n")
+            c.file.flush()

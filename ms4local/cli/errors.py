@@ -17,7 +17,7 @@ import typer
 from quantize.errors import QuantizeError, UnsupportedTypeError
 from quantize.units import SizeError
 
-from ..errors import Ms4localError
+from ..errors import Ms4localError, OptionsError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,6 +25,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (UnsupportedTypeError, 2),
     (SizeError, 2),
+    (OptionsError, 2),
     (QuantizeError, 1),
     (Ms4localError, 1),
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import chat, demo, quantize, tokenize
+from . import chat, demo, doctor, quantize, tokenize
 
 app = typer.Typer(
     name="ms4local",
@@ -17,6 +17,7 @@ app.command("quantize")(quantize.quantize)
 app.command("chat")(chat.chat)
 app.command("tokenize")(tokenize.tokenize)
 app.command("demo")(demo.demo)
+app.command("doctor")(doctor.doctor)
 
 if __name__ == "__main__":
     app()

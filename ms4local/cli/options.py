@@ -1,16 +1,125 @@
-"""Option types shared by several commands, declared once with llama.cpp's names."""
+"""Option types shared by several commands, declared once with llama.cpp's names.
+
+The engine options (context, batches, KV cache, flash attention, GPU placement) come as a set:
+a command declares the aliases it wants and hands the values to `engine_options(...)`, which
+returns the one `EngineOptions` the engine takes. Before loading, `resolve_placement` prints
+what the user must know (a GPU flag that does nothing here, the --fit plan as a table).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
+
+from quantize.units import parse_size
+
+from .. import ui
+from ..engine import EngineOptions, Placement, place
+from ..errors import OptionsError
+from ..placement import Plan
 
 Model = Annotated[str, typer.Argument(help="A GGUF file (the first file of a split set).", show_default=False)]
-CtxSize = Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")]
-Threads = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: random).")]
 Temp = Annotated[Optional[float], typer.Option("--temp", help="Temperature (default 0.7 with high effort, 0.1 with none).")]
 MaxTokens = Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate.")]
 ReasoningEffort = Annotated[str, typer.Option("--reasoning-effort", help="none: answer directly; high: think first.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep the K most likely tokens (0: all).")]
+MinP = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than this fraction of the best one.")]
+RepeatPenalty = Annotated[float, typer.Option("--repeat-penalty", help="Penalise the last 64 tokens (1.0: off).")]
+
+# ----------------------------------------------------------------------------- engine options
+CtxSize = Annotated[int, typer.Option("-c", "--ctx-size", help="Context size in tokens.")]
+Threads = Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads (default: all cores).")]
+BatchSize = Annotated[int, typer.Option("-b", "--batch-size", help="Prompt tokens handed to llama.cpp per call.")]
+UbatchSize = Annotated[int, typer.Option(
+    "-ub", "--ubatch-size", help="Tokens computed at once (the compute buffers grow with it).")]
+FlashAttn = Annotated[str, typer.Option("-fa", "--flash-attn", metavar="on|off|auto", help="Flash attention.")]
+CacheTypeK = Annotated[str, typer.Option(
+    "-ctk", "--cache-type-k", help="KV cache type: f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl. "
+                                   "Mistral 4's MLA cache needs -ctv equal to it.")]
+CacheTypeV = Annotated[str, typer.Option(
+    "-ctv", "--cache-type-v", help="V cache type; must equal -ctk for MLA (quantized needs flash attention).")]
+NGpuLayers = Annotated[Optional[str], typer.Option(
+    "-ngl", "--n-gpu-layers", metavar="N|all", show_default=False,
+    help="Layers on the GPU (llama.cpp counts the output layer first). Default: all when a GPU is present.")]
+CpuMoe = Annotated[bool, typer.Option(
+    "--cpu-moe", help="Keep every routed expert in RAM (attention and shared experts stay on the GPU).")]
+NCpuMoe = Annotated[int, typer.Option("--n-cpu-moe", metavar="N", help="Keep the routed experts of blocks 0..N-1 in RAM.")]
+OverrideTensor = Annotated[Optional[list[str]], typer.Option(
+    "-ot", "--override-tensor", metavar="REGEX=BUFT", show_default=False,
+    help="Put tensors whose name matches REGEX in buffer type BUFT (CPU, CUDA0 …); repeatable, first match wins.")]
+Fit = Annotated[Optional[bool], typer.Option(
+    "--fit/--no-fit", show_default=False,
+    help="Choose the GPU placement from free memory. Default: on when a GPU is present and nothing is placed by hand.")]
+Vram = Annotated[Optional[str], typer.Option(
+    "--vram", metavar="SIZE", show_default=False, help="Plan --fit for this much GPU memory (24G, 24GiB, 512M) "
+                                                       "instead of what the GPU reports free.")]
+
+
+def parse_gpu_layers(value: str | int | None) -> int | None:
+    """-ngl as llama.cpp reads it: a count, or `all` (also `-1`); None leaves it to the engine."""
+    if value is None or isinstance(value, int):
+        return value
+    text = value.strip().lower()
+    if text in ("all", "-1"):
+        return -1
+    if text.isdigit():
+        return int(text)
+    raise OptionsError(f"-ngl/--n-gpu-layers must be a number of layers or 'all', got {value!r}")
+
+
+def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_size: int = 512,
+                   ubatch_size: int = 512, flash_attn: str = "auto", cache_type_k: str = "f16",
+                   cache_type_v: str = "f16", n_gpu_layers: str | int | None = None, cpu_moe: bool = False,
+                   n_cpu_moe: int = 0, override_tensor: list[str] | None = None, fit: bool | None = None,
+                   vram: str | int | None = None) -> EngineOptions:
+    """The command-line engine flags as one checked `EngineOptions` (raises OptionsError/SizeError).
+
+    Everything that can be judged without the model is judged here, so a typo fails before the
+    load; the cache-type rules that depend on the model are checked by the engine from the GGUF
+    header, still before llama.cpp loads a byte of weights.
+    """
+    opts = EngineOptions(
+        ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
+        flash_attn=flash_attn.strip().lower(), type_k=cache_type_k.strip().lower(), type_v=cache_type_v.strip().lower(),
+        n_gpu_layers=parse_gpu_layers(n_gpu_layers), cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
+        override_tensor=list(override_tensor or []), fit=fit,
+        vram=parse_size(vram) if isinstance(vram, str) else vram)
+    opts.check()
+    return opts
+
+
+def resolve_placement(model: str, opts: EngineOptions) -> Placement:
+    """Resolve --fit and the GPU flags against this build's devices, and tell the user.
+
+    Notices go to stderr, one line each; a --fit plan is printed as a table. Pass the result to
+    `Engine(model, opts, placement=...)` so the model is loaded exactly as shown.
+    """
+    placement = place(model, opts)
+    for notice in placement.notices:
+        ui.err.print(f"note: {notice}", style="yellow", markup=False, highlight=False)
+    if placement.plan is not None:
+        ui.err.print(placement_table(placement.plan, applied=placement.applied))
+    return placement
+
+
+def placement_table(plan: Plan, *, applied: bool = True) -> Table:
+    """What goes where, with bytes per device, and the llama.cpp flags that express it."""
+    how = f"-ngl {plan.n_gpu_layers} --n-cpu-moe {plan.n_cpu_moe}"
+    title = f"--fit placement for {plan.device} ({ui.human_bytes(plan.budget)} to spend): {how}"
+    if not applied:
+        title += " (not applied: no GPU)"
+    table = Table(title=title, header_style="bold")
+    table.add_column("what")
+    table.add_column("device")
+    table.add_column("tensors", justify="right")
+    table.add_column("bytes", justify="right")
+    for row in plan.rows:
+        table.add_row(row.what, row.device, str(row.tensors) if row.tensors else "", ui.human_bytes(row.nbytes))
+    table.caption = (f"GPU {ui.human_bytes(plan.gpu_bytes)} of {ui.human_bytes(plan.budget)} · "
+                     f"RAM {ui.human_bytes(plan.cpu_bytes)}")
+    return table

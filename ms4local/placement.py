@@ -1,0 +1,437 @@
+"""Where the weights go: a GGUF header reader and the `--fit` planner. Pure Python, no llama_cpp.
+
+Mistral Small 4 is a 119 B-parameter MoE whose routed experts are ~95 % of the bytes but only
+4 of 128 run per token. So the placement that wins on one GPU is the one llama.cpp users reach
+for by hand with `-ngl 99 --n-cpu-moe N`: every layer's attention, norms, router and shared
+expert on the GPU (they run for every token), the output matrix too, and then as many layers'
+routed experts as still fit; the rest of the experts stay in RAM, where the CPU reads only the
+4 it needs. The planner chooses N from the file's own tensor sizes, the KV cache and a compute
+allowance, so it is right for every quantization and context size without a table.
+
+Reading the header must be fast on a 67 GB file: the file is memory-mapped and only the
+metadata and tensor-info records at its start are touched (token arrays are stepped over).
+Split files (`…-00001-of-00003.gguf`) are read together.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .errors import ModelLoadError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# What llama.cpp's --cpu-moe keeps in RAM: the routed expert stacks, separate or fused gate/up.
+# Shared experts (`_shexp`) are not matched: they run for every token and belong on the GPU.
+EXPERTS_REGEX = r"\.ffn_(up|down|gate|gate_up)_exps"
+_EXPERT = re.compile(r"^blk\.(\d+)" + EXPERTS_REGEX)
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+# Default memory left free on the device: the CUDA/Metal runtime's own allocations, cuBLAS
+# workspaces and fragmentation are not in any buffer llama.cpp reports (llama.cpp's own
+# --fit leaves 1 GiB by default, `--fit-target`).
+DEFAULT_HEADROOM = 1 * GiB
+
+
+# ----------------------------------------------------------------------------- GGUF header
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type: str  # ggml type name, e.g. Q4_K
+    shape: tuple[int, ...]  # ne: innermost first, as GGUF stores it
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the placement needs from a GGUF: hyper-parameters and every tensor's size."""
+
+    path: Path
+    arch: str
+    metadata: dict[str, object]  # scalars, strings and short arrays; long arrays are skipped
+    tensors: tuple[TensorInfo, ...]
+
+    def key(self, name: str, default: object = None) -> object:
+        """An architecture key without its prefix: key("block_count") → mistral4.block_count."""
+        return self.metadata.get(f"{self.arch}.{name}", default)
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.key("block_count", 0))  # type: ignore[arg-type]
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention (Mistral 4, DeepSeek): the cache holds one latent K row."""
+        return self.key("attention.kv_lora_rank") is not None
+
+    @property
+    def head_k(self) -> int:
+        """Elements of one cached K row per KV head (MLA: kv_lora + rope = 320)."""
+        if self.is_mla:
+            return int(self.key("attention.kv_lora_rank")) + int(self.key("rope.dimension_count", 0))  # type: ignore[arg-type]
+        return int(self.key("attention.key_length") or self._head_dim())  # type: ignore[arg-type]
+
+    @property
+    def head_v(self) -> int:
+        """Elements of one V row per KV head (MLA: kv_lora = 256, a view into the K row)."""
+        if self.is_mla:
+            return int(self.key("attention.kv_lora_rank"))  # type: ignore[arg-type]
+        return int(self.key("attention.value_length") or self._head_dim())  # type: ignore[arg-type]
+
+    @property
+    def head_count_kv(self) -> int:
+        v = self.key("attention.head_count_kv", self.key("attention.head_count", 1))
+        return int(max(v) if isinstance(v, list) else v)  # type: ignore[arg-type]
+
+    def _head_dim(self) -> int:
+        return int(self.key("embedding_length", 0)) // max(1, int(self.key("attention.head_count", 1)))  # type: ignore[arg-type]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_KEEP_ARRAY = 256  # longer arrays (the vocabulary) are stepped over, not decoded
+
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def unpack(self, fmt: str) -> object:
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ModelLoadError(f"{self.path.name} is truncated inside its GGUF header")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = int(self.unpack("<Q"))  # type: ignore[arg-type]
+        if self.pos + n > len(self.buf):
+            raise ModelLoadError(f"{self.path.name} is truncated inside its GGUF header")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> object:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype = int(self.unpack("<I"))  # type: ignore[arg-type]
+            n = int(self.unpack("<Q"))  # type: ignore[arg-type]
+            if n <= _KEEP_ARRAY:
+                return [self.value(itype) for _ in range(n)]
+            if itype in _SCALARS:
+                self.pos += n * struct.calcsize(_SCALARS[itype])
+            elif itype == _STRING:
+                unpack, buf, pos = struct.unpack_from, self.buf, self.pos
+                try:
+                    for _ in range(n):  # step over each string: 8-byte length, then the bytes
+                        pos += 8 + unpack("<Q", buf, pos)[0]
+                except struct.error:
+                    pos = len(buf) + 1
+                self.pos = pos
+            else:
+                for _ in range(n):
+                    self.value(itype)
+            if self.pos > len(self.buf):
+                raise ModelLoadError(f"{self.path.name} is truncated inside its GGUF header")
+            return None
+        raise ModelLoadError(f"{self.path.name}: unknown GGUF value type {vtype}")
+
+
+def _read_one(path: Path) -> tuple[dict[str, object], list[TensorInfo]]:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ModelLoadError(f"cannot open {path}: {e.strerror or e}") from None
+    with f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise ModelLoadError(f"{path.name} is empty, not a GGUF file") from None
+        try:
+            if buf[:4] != b"GGUF":
+                raise ModelLoadError(f"{path.name} is not a GGUF file")
+            c = _Cursor(buf, path)
+            c.pos = 4
+            version = int(c.unpack("<I"))  # type: ignore[arg-type]
+            if version not in (2, 3):
+                raise ModelLoadError(f"{path.name}: GGUF version {version} is not supported (big-endian file?)")
+            n_tensors, n_kv = int(c.unpack("<Q")), int(c.unpack("<Q"))  # type: ignore[arg-type]
+            meta: dict[str, object] = {}
+            for _ in range(n_kv):
+                key = c.string()
+                meta[key] = c.value(int(c.unpack("<I")))  # type: ignore[arg-type]
+            tensors = []
+            for _ in range(n_tensors):
+                name = c.string()
+                n_dims = int(c.unpack("<I"))  # type: ignore[arg-type]
+                shape = tuple(int(c.unpack("<Q")) for _ in range(n_dims))  # type: ignore[arg-type]
+                ttype = int(c.unpack("<I"))  # type: ignore[arg-type]
+                c.unpack("<Q")  # data offset: not needed
+                try:
+                    qtype = GGMLQuantizationType(ttype)
+                    block, size = GGML_QUANT_SIZES[qtype]
+                except (ValueError, KeyError):
+                    raise ModelLoadError(f"{path.name}: tensor {name} has ggml type {ttype}, unknown to gguf-py") from None
+                n = 1
+                for d in shape:
+                    n *= d
+                tensors.append(TensorInfo(name, qtype.name, shape, n // block * size))
+            return meta, tensors
+        finally:
+            buf.close()
+
+
+_SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def read_model(path: str | Path) -> ModelInfo:
+    """Header of a GGUF (all files of a split set, given the first); no tensor data is read."""
+    path = Path(path)
+    meta, tensors = _read_one(path)
+    count = int(meta.get("split.count", 1) or 1)  # type: ignore[arg-type]
+    if count > 1:
+        m = _SPLIT.match(path.name)
+        if not m:
+            raise ModelLoadError(f"{path.name} is part 1 of {count} but is not named like NAME-00001-of-{count:05d}.gguf")
+        for i in range(2, count + 1):
+            part = path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf")
+            if not part.is_file():
+                raise ModelLoadError(f"split part {part.name} is missing next to {path.name}")
+            tensors += _read_one(part)[1]
+    arch = str(meta.get("general.architecture", "?"))
+    return ModelInfo(path=path, arch=arch, metadata=meta, tensors=tuple(tensors))
+
+
+# ----------------------------------------------------------------------------- sizes
+# Bytes per block and elements per block of the KV cache types llama.cpp accepts.
+CACHE_TYPES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18),
+               "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "iq4_nl": (32, 18)}
+
+
+def cache_row_bytes(elements: int, cache_type: str) -> int:
+    block, size = CACHE_TYPES[cache_type]
+    return elements // block * size
+
+
+def kv_cells(n_ctx: int) -> int:
+    """The cache cells llama.cpp allocates for `-c n_ctx`: rounded up to a multiple of 256
+    (measured on this build: -c 64 → 256, -c 300 → 512, -c 4097 → 4352)."""
+    return -(-n_ctx // 256) * 256
+
+
+def kv_cache_bytes(model: ModelInfo, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
+    """Bytes of the KV cache for a context of `n_ctx` tokens over all layers.
+
+    MLA caches only the K row (kv_lora + rope elements, one KV head); V is a view into its
+    first kv_lora elements, so it costs nothing (llama.cpp logs `V (f16): 0.00 MiB`).
+    """
+    per_token = cache_row_bytes(model.head_k * model.head_count_kv, type_k)
+    if not model.is_mla:
+        per_token += cache_row_bytes(model.head_v * model.head_count_kv, type_v)
+    return per_token * kv_cells(n_ctx) * model.n_layer
+
+
+def compute_allowance(model: ModelInfo, *, n_ctx: int, n_ubatch: int = 512, flash_attn: str = "auto") -> int:
+    """An estimate of llama.cpp's device compute buffer, before any expert copies.
+
+    1 MiB per token of the micro-batch covers the activations and MoE intermediates of one
+    layer at Mistral 4's sizes (measured buffers are a few hundred MiB at -ub 512). Without
+    flash attention the scores of every head over the whole context are materialised in F32;
+    with `auto` the attention kernel for MLA's 320/256 head sizes may be missing on the device,
+    so the estimate assumes the worst.
+    """
+    heads = int(model.key("attention.head_count", 1))  # type: ignore[arg-type]
+    scores = 0 if flash_attn == "on" else heads * kv_cells(n_ctx) * n_ubatch * 4
+    return n_ubatch * MiB + scores
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class PlanRow:
+    what: str
+    device: str  # "GPU" or "CPU"
+    nbytes: int
+    tensors: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A placement in llama.cpp's own terms (-ngl and --n-cpu-moe) and what it costs where."""
+
+    device: str  # the GPU it was planned for, e.g. CUDA0
+    budget: int  # device bytes the plan may use (free memory - headroom)
+    n_layer: int
+    n_gpu_layers: int  # llama.cpp's count: the output layer first, then the last blocks; n_layer + 1 = all
+    n_cpu_moe: int  # routed experts of blocks 0 .. n_cpu_moe-1 stay in RAM
+    kv_bytes: int  # on the GPU
+    compute_bytes: int  # on the GPU (estimate, including the copy of one CPU expert stack)
+    rows: tuple[PlanRow, ...] = field(default=())
+
+    @property
+    def gpu_bytes(self) -> int:
+        return sum(r.nbytes for r in self.rows if r.device == "GPU")
+
+    @property
+    def cpu_bytes(self) -> int:
+        return sum(r.nbytes for r in self.rows if r.device == "CPU")
+
+    @property
+    def fits(self) -> bool:
+        return self.gpu_bytes <= self.budget
+
+    @property
+    def overrides(self) -> list[str]:
+        """The plan as -ot rules (REGEX=CPU), empty when every expert is on the GPU."""
+        return expert_overrides(self.n_cpu_moe, self.n_layer)
+
+
+def expert_overrides(n_cpu_moe: int, n_layer: int | None = None) -> list[str]:
+    """`--n-cpu-moe N` as -ot rules: one regex for the routed experts of blocks 0..N-1.
+
+    One alternation instead of llama.cpp's one rule per block: the loader compiles every rule
+    for every tensor, so 36 rules cost 36 regex compilations per tensor.
+    """
+    if n_cpu_moe <= 0:
+        return []
+    if n_layer is not None and n_cpu_moe >= n_layer:
+        return [EXPERTS_REGEX + "=CPU"]
+    blocks = "|".join(str(i) for i in range(n_cpu_moe))
+    return [rf"blk\.({blocks})" + EXPERTS_REGEX + "=CPU"]
+
+
+@dataclass
+class _Layer:
+    dense: int = 0  # attention, norms, router, shared expert
+    dense_n: int = 0
+    shexp: int = 0
+    experts: int = 0
+    experts_n: int = 0
+    largest_expert: int = 0
+
+
+def _classify(tensors: Iterable[TensorInfo], n_layer: int) -> tuple[list[_Layer], int, int, int, int]:
+    layers = [_Layer() for _ in range(n_layer)]
+    out = out_n = embd = embd_n = 0
+    for t in tensors:
+        m = _EXPERT.match(t.name)
+        if m and int(m[1]) < n_layer:
+            lay = layers[int(m[1])]
+            lay.experts += t.nbytes
+            lay.experts_n += 1
+            lay.largest_expert = max(lay.largest_expert, t.nbytes)
+            continue
+        m = _LAYER.match(t.name)
+        if m and int(m[1]) < n_layer:
+            lay = layers[int(m[1])]
+            lay.dense += t.nbytes
+            lay.dense_n += 1
+            if "_shexp" in t.name:
+                lay.shexp += t.nbytes
+            continue
+        if t.name.startswith("token_embd."):
+            embd += t.nbytes
+            embd_n += 1
+        else:  # output, output_norm and anything global: placed with the output layer
+            out += t.nbytes
+            out_n += 1
+    return layers, out, out_n, embd, embd_n
+
+
+def plan(model: ModelInfo, *, budget: int, n_ctx: int, type_k: str = "f16", type_v: str = "f16",
+         n_ubatch: int = 512, flash_attn: str = "auto", reserve: int | None = None,
+         device: str = "GPU") -> Plan:
+    """Choose -ngl and --n-cpu-moe for one GPU with `budget` bytes to spend.
+
+    Order of preference, each step taken only if everything before it fits:
+      1. the output layer and every block's attention, norms, router and shared expert, with
+         the block's KV cache (-ngl all, --n-cpu-moe n_layer);
+      2. the routed experts of as many blocks as fit, from the last block down, which is what
+         --n-cpu-moe N expresses (blocks 0..N-1 keep their experts in RAM).
+    If step 1 does not fit, every expert stays in RAM and -ngl shrinks (llama.cpp offloads the
+    output layer first, then blocks from the last one down).
+
+    The token embeddings always stay in RAM: llama.cpp keeps the input layer on the CPU (a
+    row lookup per token gains nothing on a GPU). `reserve` replaces the compute-buffer
+    estimate (`compute_allowance`); whenever some experts stay in RAM the largest such stack
+    is added to it, because llama.cpp copies a CPU expert stack to the GPU to run a prompt
+    batch there.
+    """
+    n = model.n_layer
+    if n <= 0:
+        raise ModelLoadError(f"{model.path.name} declares no layers ({model.arch}.block_count)")
+    layers, out, out_n, embd, embd_n = _classify(model.tensors, n)
+    kv_layer = kv_cache_bytes(model, n_ctx, type_k, type_v) // n
+    base = reserve if reserve is not None else compute_allowance(model, n_ctx=n_ctx, n_ubatch=n_ubatch,
+                                                                 flash_attn=flash_attn)
+
+    def gpu_blocks(ngl: int) -> range:
+        return range(max(n + 1 - ngl, 0), n)
+
+    def compute(ngl: int, n_cpu_moe: int) -> int:
+        if ngl == 0:
+            return 0
+        on_cpu = [lay.largest_expert for i, lay in enumerate(layers) if i < n_cpu_moe or i not in gpu_blocks(ngl)]
+        return base + max(on_cpu, default=0)
+
+    def need(ngl: int, n_cpu_moe: int) -> int:
+        blocks = gpu_blocks(ngl)
+        total = (out if ngl >= 1 else 0) + compute(ngl, n_cpu_moe)
+        for i in blocks:
+            total += layers[i].dense + kv_layer + (layers[i].experts if i >= n_cpu_moe else 0)
+        return total
+
+    if need(n + 1, n) <= budget:
+        ngl = n + 1
+        n_cpu_moe = next(k for k in range(n + 1) if need(ngl, k) <= budget)
+    else:
+        n_cpu_moe = n
+        ngl = next(k for k in range(n, -1, -1) if need(k, n_cpu_moe) <= budget)
+
+    blocks = gpu_blocks(ngl)
+    rows: list[PlanRow] = []
+
+    def add(what: str, device: str, nbytes: int, count: int = 0) -> None:
+        if nbytes or count:
+            rows.append(PlanRow(what, device, nbytes, count))
+
+    def span(idx: list[int]) -> str:
+        if not idx:
+            return "no blocks"
+        return f"block {idx[0]}" if len(idx) == 1 else f"blocks {idx[0]}–{idx[-1]}"
+
+    gpu_idx = list(blocks)
+    cpu_idx = [i for i in range(n) if i not in blocks]
+    exp_gpu = [i for i in gpu_idx if i >= n_cpu_moe]
+    exp_cpu = [i for i in range(n) if i not in exp_gpu]
+    add("output layer", "GPU" if ngl >= 1 else "CPU", out, out_n)
+    add(f"attention, norms, router, shared expert ({span(gpu_idx)})", "GPU",
+        sum(layers[i].dense for i in gpu_idx), sum(layers[i].dense_n for i in gpu_idx))
+    add(f"attention, norms, router, shared expert ({span(cpu_idx)})", "CPU",
+        sum(layers[i].dense for i in cpu_idx), sum(layers[i].dense_n for i in cpu_idx))
+    add(f"routed experts ({span(exp_gpu)})", "GPU",
+        sum(layers[i].experts for i in exp_gpu), sum(layers[i].experts_n for i in exp_gpu))
+    add(f"routed experts ({span(exp_cpu)})", "CPU",
+        sum(layers[i].experts for i in exp_cpu), sum(layers[i].experts_n for i in exp_cpu))
+    add("token embeddings (input layer)", "CPU", embd, embd_n)
+    add(f"KV cache ({kv_cells(n_ctx)} tokens, {type_k}, {len(gpu_idx)} blocks)", "GPU", kv_layer * len(gpu_idx))
+    add(f"KV cache ({kv_cells(n_ctx)} tokens, {type_k}, {len(cpu_idx)} blocks)", "CPU", kv_layer * len(cpu_idx))
+    comp = compute(ngl, n_cpu_moe)
+    add("compute buffers (estimate)", "GPU", comp)
+    return Plan(device=device, budget=budget, n_layer=n, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe,
+                kv_bytes=kv_layer * len(gpu_idx), compute_bytes=comp, rows=tuple(rows))

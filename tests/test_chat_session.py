@@ -1,0 +1,439 @@
+"""The chat session without a terminal: commands, turns, stopping, save and load.
+
+Most tests drive a scripted engine (the real template and tokenizer from a vocab-only load of a
+tiny GGUF, scripted deltas instead of sampling) and check the exact conversation; the KV tests
+use the real engine, because what they guard is llama.cpp's cache after a stopped answer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ms4local.chat_session import (
+    IMAGE_NOTICE, ChatSession, Command, InputAssembler, SessionError, history_path, parse_input,
+)
+from ms4local.engine import Delta, Done, Engine, EngineOptions, Sampling, Timings, Usage
+from ms4local.errors import ContextError
+
+
+@pytest.fixture(scope="module")
+def model(ckpt, gguf_file):
+    return gguf_file(ckpt(), "Q8_0")
+
+
+@pytest.fixture(scope="module")
+def vocab(model):
+    with Engine(model, EngineOptions(vocab_only=True)) as e:
+        yield e
+
+
+class ScriptedEngine:
+    """The real template and tokenizer; `chat` plays `script` (a list of (text, reasoning))."""
+
+    def __init__(self, vocab, script=(), *, supports_images=False, fail_at=None, exc=None):
+        self.vocab = vocab
+        self.script = list(script)
+        self.supports_images = supports_images
+        self.fail_at, self.exc = fail_at, exc
+        self.calls: list[dict] = []
+        self.resets = 0
+        self.closed = 0
+        self.n_ctx = 4096
+
+    def render(self, messages, *, reasoning_effort=None):
+        return self.vocab.render(messages, reasoning_effort=reasoning_effort)
+
+    def tokenize(self, text, *, add_special=False, parse_special=True):
+        return self.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def reset(self):
+        self.resets += 1
+
+    def chat(self, messages, sampling=None, *, reasoning_effort=None):
+        self.calls.append({"messages": messages, "sampling": sampling, "effort": reasoning_effort})
+        prompt = self.tokenize(self.render(messages, reasoning_effort=reasoning_effort))
+
+        def events():
+            try:
+                for i, (text, reasoning) in enumerate(self.script):
+                    if i == self.fail_at:
+                        raise self.exc
+                    yield Delta(text, reasoning)
+                if self.fail_at == len(self.script):
+                    raise self.exc
+                n = len(self.script)
+                yield Done("stop", Usage(len(prompt), n + 1, 0), Timings(len(prompt), 0.01, 0.02, 0.1, n + 1))
+            finally:
+                self.closed += 1
+
+        return events()
+
+
+def run(turn, stop_after=None):
+    """Iterate a turn like the UI does; `stop_after` deltas, then Turn.stop() (Ctrl-C)."""
+    seen = []
+    for d in turn:
+        seen.append(d)
+        if stop_after is not None and len(seen) == stop_after:
+            turn.stop()
+    turn.close()
+    return seen
+
+
+# ----------------------------------------------------------------------------------- parsing
+@pytest.mark.parametrize("text, expected", [
+    ("Hello", "Hello"),
+    ("  spaced  ", "  spaced  "),
+    ("", None),
+    ("   ", None),
+    ("/think", Command("think")),
+    ("/think HIGH", Command("think", "high")),
+    ("/think none", Command("think", "none")),
+    ("/system Be brief.", Command("system", "Be brief.")),
+    ("/system line one\nline two", Command("system", "line one\nline two")),
+    ("/system", Command("system")),
+    ("/image ~/cat.png", Command("image", "~/cat.png")),
+    ("/save out.json", Command("save", "out.json")),
+    ("/load  out.json ", Command("load", "out.json")),
+    ("/reset", Command("reset")),
+    ("/STATS", Command("stats")),
+    ("/prompt", Command("prompt")),
+    ("/help", Command("help")),
+    ("/exit", Command("exit")),
+    ("/quit", Command("quit")),
+    ("//etc/hosts is what?", "/etc/hosts is what?"),
+])
+def test_parse_input(text, expected):
+    assert parse_input(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("/bogus", "unknown command /bogus"),
+    ("/etc/hosts", "unknown command /etc/hosts"),
+    ("/think maybe", "usage: /think [high|none]"),
+    ("/save", "usage: /save FILE"),
+    ("/load   ", "usage: /load FILE"),
+    ("/image", "usage: /image PATH"),
+    ("/reset now", "/reset takes no argument"),
+])
+def test_parse_input_errors_are_one_line(text, message):
+    with pytest.raises(SessionError) as e:
+        parse_input(text)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_input_assembler_continuations_and_blocks():
+    a = InputAssembler()
+    assert a.feed("first \\") is None and a.pending
+    assert a.feed("second") == "first \nsecond" and not a.pending
+    assert a.feed('"""') is None and a.pending
+    assert a.feed("  indented") is None
+    assert a.feed("") is None
+    assert a.feed('end"""') == "  indented\n\nend"
+    assert a.feed('"""opening text') is None
+    assert a.feed('"""') == "opening text"
+    assert a.feed('"""one line"""') == "one line"
+    assert a.feed("plain") == "plain"
+    assert a.feed("dropped \\") is None
+    a.discard()
+    assert not a.pending and a.feed("fresh") == "fresh"
+
+
+def test_history_path_follows_xdg(tmp_path):
+    assert history_path({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "ms4local" / "chat_history"
+    assert history_path({}).parts[-3:] == (".cache", "ms4local", "chat_history")
+
+
+# ----------------------------------------------------------------------------------- turns
+def test_turn_joins_conversation_and_next_prompt_reuses_it(vocab):
+    engine = ScriptedEngine(vocab, [("Let me see.", True), ("Four", False), (".", False)])
+    s = ChatSession(engine, system="Be brief.", reasoning_effort="high")
+    deltas = run(s.send("2+2?"))
+    assert [d.text for d in deltas] == ["Let me see.", "Four", "."]
+    assert s.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "Four.", "reasoning_content": "Let me see."},
+    ]
+    assert s.last_turn.done is not None and not s.last_turn.stopped and s.turns == 1
+    assert engine.calls[0]["effort"] == "high" and engine.calls[0]["sampling"].temperature == 0.7
+    # The answer renders as the model wrote it, so the next prompt extends the last one.
+    first = s.last_prompt
+    run(s.send("And 3+3?"))
+    assert s.last_prompt.startswith(first)
+    assert "[THINK]Let me see.[/THINK]Four.</s>[INST]And 3+3?[/INST]" in s.last_prompt
+
+
+def test_stop_keeps_partial_answer_marked(vocab, tmp_path):
+    engine = ScriptedEngine(vocab, [(f"w{i} ", False) for i in range(50)])
+    s = ChatSession(engine)
+    seen = run(s.send("Count."), stop_after=3)
+    assert len(seen) == 3 and engine.closed == 1  # the engine's generator was closed, not abandoned
+    turn = s.last_turn
+    assert turn.stopped and turn.committed and turn.done is None and turn.generated == 3
+    assert s.history[-1] == {"role": "assistant", "content": "w0 w1 w2 ", "interrupted": True}
+    assert all("interrupted" not in m for m in s.model_messages())  # the template never sees the mark
+    s.save(tmp_path / "c.json")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["messages"][-1]["interrupted"] is True
+
+
+def test_stop_before_any_output_takes_the_message_back(vocab):
+    s = ChatSession(ScriptedEngine(vocab, [("x", False)]))
+    turn = s.send("Hi")
+    turn.stop()
+    assert run(turn) == []
+    assert s.history == [] and not turn.committed
+    assert turn.notices == ["stopped before any answer; your message was not kept"]
+
+
+def test_empty_answer_is_not_kept(vocab):
+    engine = ScriptedEngine(vocab, [])
+    s = ChatSession(engine)
+    turn = s.send("Hi")
+    run(turn)
+    assert s.history == [] and turn.notices == ["the model gave an empty answer; your message was not kept"]
+    engine.script = [("ok", False)]
+    run(s.send("Again"))  # the next prompt holds one user message, not two merged ones
+    assert engine.calls[-1]["messages"] == [{"role": "user", "content": "Again"}]
+
+
+def test_engine_error_before_output_leaves_conversation_unchanged(vocab):
+    engine = ScriptedEngine(vocab, [("a", False)], fail_at=0, exc=ContextError("the prompt has 9 tokens"))
+    s = ChatSession(engine)
+    with pytest.raises(ContextError):
+        run(s.send("Hi"))
+    assert s.history == [] and engine.resets == 1
+
+
+def test_interrupt_inside_engine_resets_its_cache_and_keeps_partial(vocab):
+    engine = ScriptedEngine(vocab, [("a", False), ("b", False), ("c", False)], fail_at=2, exc=KeyboardInterrupt())
+    s = ChatSession(engine)
+    turn = s.send("Hi")
+    with pytest.raises(KeyboardInterrupt):
+        run(turn)
+    assert engine.resets == 1
+    assert s.history[-1] == {"role": "assistant", "content": "ab", "interrupted": True}
+
+
+# ----------------------------------------------------------------------------------- commands
+def test_think_flips_rendered_prompt_and_temperature(vocab):
+    engine = ScriptedEngine(vocab, [("ok", False)])
+    s = ChatSession(engine, system="S")
+    before = s.render()
+    assert '[MODEL_SETTINGS]{"reasoning_effort": "none"}' not in before  # no user turn yet: no settings
+    run(s.send("Hi"))
+    none_prompt = s.render()
+    assert s.execute(Command("think")).text == "reasoning effort: high (temperature 0.7)"
+    high_prompt = s.render()
+    assert '{"reasoning_effort": "none"}' in none_prompt and '{"reasoning_effort": "high"}' in high_prompt
+    assert high_prompt.replace('"high"', '"none"') == none_prompt
+    run(s.send("Again"))
+    assert engine.calls[-1]["effort"] == "high" and engine.calls[-1]["sampling"].temperature == 0.7
+    assert '{"reasoning_effort": "high"}' in s.last_prompt
+    s.execute(Command("think"))
+    assert s.reasoning_effort == "none"
+    s.execute(Command("think", "none"))
+    assert s.reasoning_effort == "none"
+    s.execute(Command("think", "high"))
+    assert s.reasoning_effort == "high"
+
+
+def test_reset_keeps_system_prompt_and_effort(vocab):
+    s = ChatSession(ScriptedEngine(vocab, [("ok", False)]), system="Be brief.", reasoning_effort="high")
+    run(s.send("Hi"))
+    reply = s.execute(Command("reset"))
+    assert reply.text == "conversation cleared (system prompt kept)"
+    assert s.messages == [{"role": "system", "content": "Be brief."}]
+    assert s.reasoning_effort == "high" and s.last_prompt is None and s.turns == 0
+
+
+def test_system_command(vocab):
+    s = ChatSession(ScriptedEngine(vocab))
+    assert s.execute(Command("system")).text == "no system prompt"
+    s.execute(Command("system", "Answer in French."))
+    assert s.messages[0] == {"role": "system", "content": "Answer in French."}
+    assert s.execute(Command("system")).text == "system prompt: Answer in French."
+    s.execute(Command("system", "--clear"))
+    assert s.messages == []
+
+
+def test_save_load_round_trip(vocab, tmp_path):
+    engine = ScriptedEngine(vocab, [("Hmm.", True), ("Sure.", False)])
+    s = ChatSession(engine, system="Be brief.", reasoning_effort="high")
+    run(s.send("One"))
+    run(s.send("Two"), stop_after=1)
+    path = tmp_path / "chat.json"
+    assert s.execute(Command("save", str(path))).text == f"saved 5 messages to {path}"
+    data = json.loads(path.read_text())
+    assert data["format"] == "ms4local-chat" and data["reasoning_effort"] == "high"
+    assert data["messages"][0] == {"role": "system", "content": "Be brief."}
+
+    other = ChatSession(ScriptedEngine(vocab), reasoning_effort="none")
+    reply = other.execute(Command("load", str(path)))
+    assert reply.text == f"loaded 5 messages from {path} (reasoning effort high)"
+    assert other.messages == s.messages and other.system == "Be brief." and other.reasoning_effort == "high"
+    assert other.render() == s.render()
+    # What it loaded also comes back identical when saved again.
+    other.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == data
+
+
+def test_load_accepts_request_body_and_bare_list(vocab, tmp_path):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    (tmp_path / "body.json").write_text(json.dumps({"model": "x", "messages": msgs}))
+    (tmp_path / "list.json").write_text(json.dumps(msgs))
+    for name in ("body.json", "list.json"):
+        s = ChatSession(ScriptedEngine(vocab), system="old", reasoning_effort="high")
+        s.load(tmp_path / name)
+        assert s.messages == msgs and s.system is None and s.reasoning_effort == "high"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),
+    ("{not json", "is not valid JSON: Expecting property name enclosed in double quotes (line 1, column 2)"),
+    (b"\xff\xfe", "is not UTF-8 text"),
+    ('{"conversation": []}', 'has no "messages"'),
+    ('{"messages": {"role": "user"}}', '"messages" must be a list'),
+    ('[{"content": "no role"}]', "message 1 must be an object whose role is one of"),
+    ('[{"role": "user", "content": "hi"}, "text"]', "message 2 must be an object"),
+    ('{"messages": [], "reasoning_effort": "medium"}', "reasoning_effort must be none or high, got 'medium'"),
+    ('[{"role": "assistant", "content": "first"}]', "the model's template refuses this conversation: "
+                                                    "the conversation must start with a user or system message"),
+])
+def test_bad_load_is_one_line_and_changes_nothing(vocab, tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    s = ChatSession(ScriptedEngine(vocab, [("ok", False)]), system="Keep me.", reasoning_effort="high")
+    run(s.send("Hi"))
+    before = (s.messages, s.reasoning_effort, s.last_prompt)
+    with pytest.raises(SessionError) as e:
+        s.execute(Command("load", str(path)))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert (s.messages, s.reasoning_effort, s.last_prompt) == before
+
+
+def test_save_into_missing_directory_is_one_line(vocab, tmp_path):
+    s = ChatSession(ScriptedEngine(vocab))
+    with pytest.raises(SessionError, match=r"^cannot write .*nope/c\.json: No such file or directory$"):
+        s.execute(Command("save", str(tmp_path / "nope" / "c.json")))
+
+
+def test_image_without_vision_is_a_notice_and_not_sent(vocab, tmp_path):
+    img = tmp_path / "cat.png"
+    img.write_bytes(b"\x89PNG\r\n\x1a\n")
+    engine = ScriptedEngine(vocab, [("ok", False)])
+    s = ChatSession(engine)
+    with pytest.raises(SessionError, match="no image file at"):
+        s.execute(Command("image", str(tmp_path / "missing.png")))
+    reply = s.execute(Command("image", str(img)))
+    assert reply.kind == "notice" and reply.text.startswith(IMAGE_NOTICE) and s.pending_images == [str(img)]
+    turn = s.send("What is it?")
+    assert turn.notices == [f"{IMAGE_NOTICE}; 1 image not sent"]
+    run(turn)
+    assert engine.calls[-1]["messages"][-1] == {"role": "user", "content": "What is it?"}
+    assert s.pending_images == []
+
+
+def test_image_goes_as_content_part_when_engine_supports_it(vocab, tmp_path):
+    img = tmp_path / "cat.png"
+    img.write_bytes(b"\x89PNG\r\n\x1a\n")
+    engine = ScriptedEngine(vocab, [("A cat.", False)], supports_images=True)
+    s = ChatSession(engine)
+    assert s.execute(Command("image", str(img))).kind == "info"
+    turn = s.send("What is it?")
+    run(turn)
+    assert turn.notices == []
+    assert engine.calls[-1]["messages"][-1] == {"role": "user", "content": [
+        {"type": "text", "text": "What is it?"}, {"type": "image", "path": str(img)}]}
+    assert "[IMG]What is it?[/INST]" in s.last_prompt  # the template puts the image first
+
+
+def test_prompt_and_stats_commands(vocab):
+    s = ChatSession(ScriptedEngine(vocab, [("ok", False)]))
+    assert s.execute(Command("prompt")).text == "nothing sent yet"
+    run(s.send("Hi"))
+    reply = s.execute(Command("prompt"))
+    n = len(vocab.tokenize(s.last_prompt))
+    assert reply.kind == "prompt" and reply.text.splitlines()[0] == f"--- last prompt: {n} tokens ---"
+    assert s.last_prompt in reply.text
+    stats = s.execute(Command("stats")).text
+    context = len(vocab.tokenize(s.render()))
+    assert stats.startswith(f"1 turn · 2 tokens generated · context {context}/4096 tokens · reasoning effort none")
+    assert s.execute(Command("exit")).kind == "exit" and s.execute(Command("quit")).kind == "exit"
+    assert "/think [high|none]" in s.execute(Command("help")).text
+
+
+# ----------------------------------------------------------------------------------- real engine
+def _greedy(effort):
+    return Sampling(temperature=0.0, max_tokens=12, seed=0)
+
+
+def _fresh_answer(model, messages):
+    with Engine(model, EngineOptions(ctx_size=1024, threads=1)) as fresh:
+        return "".join(e.text for e in fresh.chat(messages, _greedy("none")) if isinstance(e, Delta))
+
+
+def test_stopped_turn_leaves_kv_cache_consistent(model):
+    """After Ctrl-C the next answer reuses the cache and equals a fresh engine's answer."""
+    with Engine(model, EngineOptions(ctx_size=1024, threads=1)) as engine:
+        s = ChatSession(engine, sampling=_greedy)
+        run(s.send("Hello"), stop_after=4)
+        assert s.history[-1]["interrupted"] is True
+        turn = s.send("Go on")
+        answer = "".join(d.text for d in run(turn))
+        assert turn.done is not None and turn.done.usage.cached_tokens > 0
+        expected = _fresh_answer(model, s.model_messages()[:-1])
+    assert answer == expected
+
+
+def test_interrupt_inside_engine_then_next_turn_works(model, monkeypatch):
+    """A KeyboardInterrupt right after a llama_decode (the worst moment) must not break the next turn."""
+    with Engine(model, EngineOptions(ctx_size=1024, threads=1)) as engine:
+        real = engine._decode
+        count = {"n": 0}
+
+        def decode_then_interrupt(tokens, start, want_all):
+            real(tokens, start, want_all)
+            if len(tokens) == 1:
+                count["n"] += 1
+                if count["n"] == 3:
+                    raise KeyboardInterrupt
+
+        s = ChatSession(engine, sampling=_greedy)
+        monkeypatch.setattr(engine, "_decode", decode_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run(s.send("Hello"))
+        monkeypatch.setattr(engine, "_decode", real)
+        assert s.history[-1]["interrupted"] is True
+        answer = "".join(d.text for d in run(s.send("Go on")))
+        expected = _fresh_answer(model, s.model_messages()[:-1])
+    assert answer == expected
+
+
+def test_engine_alone_survives_interrupt_after_decode(model, monkeypatch):
+    with Engine(model, EngineOptions(ctx_size=1024, threads=1)) as engine:
+        real = engine._decode
+        count = {"n": 0}
+
+        def decode_then_interrupt(tokens, start, want_all):
+            real(tokens, start, want_all)
+            if len(tokens) == 1:
+                count["n"] += 1
+                if count["n"] == 3:
+                    raise KeyboardInterrupt
+
+        messages = [{"role": "user", "content": "Hello"}]
+        monkeypatch.setattr(engine, "_decode", decode_then_interrupt)
+        parts = []
+        with pytest.raises(KeyboardInterrupt):
+            for e in engine.chat(messages, _greedy("none")):
+                parts.append(e.text)
+        monkeypatch.setattr(engine, "_decode", real)
+        messages += [{"role": "assistant", "content": "".join(parts)}, {"role": "user", "content": "Go on"}]
+        list(engine.chat(messages, _greedy("none")))

@@ -1,0 +1,219 @@
+"""The engine across turns: KV-cache reuse, a full context, llama.cpp's reasons, seeds.
+
+"Evaluated" is measured with llama.cpp's own counters (`Engine.perf`), not with the engine's
+bookkeeping, so a cache that was silently not reused would show up here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ms4local import Engine, EngineOptions, Sampling
+from ms4local import engine as eng
+from ms4local.engine import Delta
+from ms4local.errors import ContextError, ModelLoadError
+
+SYSTEM = {"role": "system", "content": "Réponds en une phrase."}
+
+
+@pytest.fixture(scope="module")
+def model(ckpt, gguf_file):
+    return gguf_file(ckpt(), "F32")
+
+
+def turn(e: Engine, messages, *, effort=None, max_tokens=8):
+    """Run one chat turn greedily: (answer, reasoning, Done, tokens llama.cpp evaluated)."""
+    before = e.perf()
+    parts = {True: [], False: []}
+    done = None
+    for ev in e.chat(messages, Sampling(temperature=0, max_tokens=max_tokens), reasoning_effort=effort):
+        if isinstance(ev, Delta):
+            parts[ev.reasoning].append(ev.text)
+        else:
+            done = ev
+    after = e.perf()
+    evaluated = sum(after[k] - before[k] for k in after)
+    return "".join(parts[False]), "".join(parts[True]), done, evaluated
+
+
+def test_public_import():
+    out = subprocess.run([sys.executable, "-c", "from ms4local import Engine, EngineOptions, Sampling; print(Engine)"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "ms4local.engine.Engine" in out.stdout
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("effort, reasoning", [(None, None), ("high", None), ("high", "6 fois 7, c'est 42.")])
+def test_next_turn_evaluates_only_the_new_tokens(model, effort, reasoning):
+    """Turn 1's output is put in the cache as the model emits it ([THINK]…[/THINK] answer); the
+    next prompt renders it back from the history (`reasoning_content`), and llama.cpp evaluates
+    only the new user message."""
+    with Engine(model, EngineOptions(ctx_size=1024)) as e:
+        turn(e, [{"role": "user", "content": "warm-up"}])  # llama.cpp's counters start at a floor of 1
+        e.reset()
+        history = [SYSTEM, {"role": "user", "content": "Combien font 6 fois 7 ?"}]
+        p1 = e.prompt_tokens(history, reasoning_effort=effort)
+        produced = e.tokenize("42.")
+        if reasoning:
+            think_open, think_close = e.think_ids
+            assert think_open is not None and think_close is not None
+            produced = [think_open, *e.tokenize(reasoning), think_close, *produced]
+        list(e.generate(p1 + produced, Sampling(max_tokens=0)))  # the cache as after that answer
+        history += [{"role": "assistant", "content": "42.", **({"reasoning_content": reasoning} if reasoning else {})},
+                    {"role": "user", "content": "Et 6 fois 8 ?"}]
+        p2 = e.prompt_tokens(history, reasoning_effort=effort)
+        assert p2[:len(p1) + len(produced)] == p1 + produced
+        _, _, done, evaluated = turn(e, history, effort=effort)
+        new = len(p2) - len(p1) - len(produced)
+        assert 0 < new < 20
+        assert done.usage.cached_tokens == len(p1) + len(produced)
+        assert done.timings.prompt_eval_tokens == new
+        assert evaluated == new + done.usage.completion_tokens  # llama.cpp evaluated nothing else
+
+
+@pytest.mark.parametrize("effort", [None, "high"])
+def test_generated_turn_is_reused(model, effort):
+    """With a generated answer: everything up to the first token whose text does not tokenize
+    back to itself is reused (a random model emits byte pieces that are not valid UTF-8)."""
+    with Engine(model, EngineOptions(ctx_size=1024)) as e:
+        turn(e, [{"role": "user", "content": "warm-up"}])
+        e.reset()
+        history = [SYSTEM, {"role": "user", "content": "Quelle est la capitale de la France ?"}]
+        p1 = e.prompt_tokens(history, reasoning_effort=effort)
+        answer, reasoning, d1, ev1 = turn(e, history, effort=effort)
+        assert d1.usage.cached_tokens == 0 and ev1 == len(p1) + d1.usage.completion_tokens
+        held = e.cached_tokens
+        history += [{"role": "assistant", "content": answer, **({"reasoning_content": reasoning} if reasoning else {})},
+                    {"role": "user", "content": "Et celle de l'Italie ?"}]
+        p2 = e.prompt_tokens(history, reasoning_effort=effort)
+        reuse = _common(p2, held)
+        assert reuse >= len(p1)
+        _, _, d2, ev2 = turn(e, history, effort=effort)
+        assert d2.usage.cached_tokens == reuse
+        assert ev2 == len(p2) - reuse + d2.usage.completion_tokens
+
+
+def test_reused_cache_gives_the_same_answer_as_a_fresh_one(model):
+    history = [SYSTEM, {"role": "user", "content": "Bonjour !"}]
+    with Engine(model, EngineOptions(ctx_size=1024, type_k="f32", type_v="f32")) as e:
+        answer, _, _, _ = turn(e, history)
+        history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Encore ?"}]
+        reused, _, d, _ = turn(e, history, max_tokens=12)
+        assert d.usage.cached_tokens > 0
+    with Engine(model, EngineOptions(ctx_size=1024, type_k="f32", type_v="f32")) as fresh:
+        again, _, d, _ = turn(fresh, history, max_tokens=12)
+        assert d.usage.cached_tokens == 0
+    assert reused == again
+
+
+def _long_chat(n_turns: int):
+    msgs = [SYSTEM]
+    for i in range(n_turns):
+        msgs += [{"role": "user", "content": f"Question numéro {i} : " + "bla " * 20},
+                 {"role": "assistant", "content": f"Réponse numéro {i} : " + "ok " * 20}]
+    return msgs + [{"role": "user", "content": "Dernière question ?"}]
+
+
+def test_full_context_drops_the_oldest_turns_never_the_system_prompt(model):
+    msgs = _long_chat(12)
+    with Engine(model, EngineOptions(ctx_size=256)) as e:
+        assert len(e.prompt_tokens(msgs)) > 256
+        _, _, done, _ = turn(e, msgs, max_tokens=16)
+        k = done.dropped_messages
+        assert k > 0 and k % 2 == 0  # whole turns: a question and its answer
+        kept = [SYSTEM] + msgs[1 + k:]
+        assert done.usage.prompt_tokens == len(e.prompt_tokens(kept))
+        assert done.usage.prompt_tokens + 16 <= e.n_ctx
+        # The fewest turns were dropped: one turn fewer would not have left room to answer.
+        assert len(e.prompt_tokens([SYSTEM] + msgs[k - 1:])) + 16 > e.n_ctx
+        assert e.cached_tokens[:len(e.tokenize("<s>" + SYSTEM["content"]))] == \
+            e.prompt_tokens(kept)[:len(e.tokenize("<s>" + SYSTEM["content"]))]
+        # A caller that drops the same messages keeps the prefix, so the next turn reuses the cache.
+        nxt = kept + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "Et ensuite ?"}]
+        _, _, d2, _ = turn(e, nxt, max_tokens=4)
+        assert d2.dropped_messages == 0 and d2.usage.cached_tokens > len(e.prompt_tokens([SYSTEM]))
+
+
+def test_full_context_without_a_system_prompt(model):
+    msgs = _long_chat(12)[1:]
+    with Engine(model, EngineOptions(ctx_size=256)) as e:
+        _, _, done, _ = turn(e, msgs, max_tokens=16)
+        assert done.dropped_messages > 0
+        assert done.usage.prompt_tokens == len(e.prompt_tokens(msgs[done.dropped_messages:]))
+
+
+def test_a_last_message_bigger_than_the_context_is_one_typed_error(model):
+    msgs = [SYSTEM, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "mot " * 400}]
+    with Engine(model, EngineOptions(ctx_size=256)) as e:
+        with pytest.raises(ContextError, match="raise -c") as err:
+            e.chat(msgs, Sampling(max_tokens=8))
+        assert "\n" not in str(err.value)
+
+
+def test_load_errors_carry_llamas_reason_even_after_a_long_log(model, tmp_path):
+    # Each load logs ~1000 lines; the buffer keeps 4000. Fill it past that first.
+    start = eng.log_mark()
+    while eng.log_mark() - start < 5000:
+        Engine(model, EngineOptions(vocab_only=True)).close()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelLoadError, match="invalid magic characters") as err:
+        Engine(bad)
+    assert "could not load bad.gguf" in str(err.value) and "no reason given" not in str(err.value)
+    cut = tmp_path / "cut.gguf"
+    data = model.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ModelLoadError, match="not within the file bounds"):
+        Engine(cut)
+
+
+def test_context_errors_carry_llamas_reason(model, monkeypatch):
+    monkeypatch.setattr(eng, "check_cache_types", lambda *a: None)  # let llama.cpp refuse it itself
+    with pytest.raises(ContextError, match=r"does not support different K \(f32\) and V \(f16\)"):
+        Engine(model, EngineOptions(ctx_size=64, type_k="f32", type_v="f16"))
+
+
+def test_seed_is_random_by_default_and_fixed_on_request(model):
+    with Engine(model, EngineOptions(ctx_size=256)) as e:
+        prompt = e.tokenize("Il était une fois", add_special=True)
+
+        def sample(seed):
+            return "".join(ev.text for ev in e.generate(prompt, Sampling(temperature=1.5, top_k=0, top_p=1.0,
+                                                                          min_p=0.0, max_tokens=16, seed=seed))
+                           if isinstance(ev, Delta))
+
+        assert sample(3) == sample(3)
+        assert len({sample(None) for _ in range(3)}) > 1
+
+
+def test_a_decode_interrupted_before_it_was_recorded_is_trimmed(model, monkeypatch):
+    """Ctrl-C can land between llama_decode and the engine noting the token: the KV cache then
+    holds a position the engine does not know. The next turn must trim it, not fail on it."""
+    with Engine(model, EngineOptions(ctx_size=512)) as e:
+        real = e._decode
+        calls = {"n": 0}
+
+        def decode_then_interrupt(tokens, start, want_all):
+            real(tokens, start, want_all)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(e, "_decode", decode_then_interrupt)
+        msgs = [{"role": "user", "content": "Hello"}]
+        with pytest.raises(KeyboardInterrupt):
+            list(e.chat(msgs, Sampling(temperature=0, max_tokens=8)))
+        monkeypatch.setattr(e, "_decode", real)
+        held = e.cached_tokens  # the prompt and the one answer token that was recorded
+        events = list(e.generate(held + e.tokenize(" Go on"), Sampling(temperature=0, max_tokens=4)))
+        assert events[-1].usage.cached_tokens == len(held)

@@ -1,0 +1,245 @@
+"""The GGUF header reader and the --fit planner (pure Python; llama.cpp is not involved).
+
+Expected plans are computed here from gguf-py's own reading of the file (GGUFReader), not from
+ms4local.placement's reader or classification, so a wrong size or a misfiled tensor shows up.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
+
+from ms4local.errors import ModelLoadError
+from ms4local.placement import (EXPERTS_REGEX, GiB, MiB, compute_allowance, expert_overrides, kv_cache_bytes,
+                                plan, read_model)
+from quantize import convert
+
+EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
+
+
+def reference(path: Path) -> dict:
+    """Sizes by category, from gguf-py's reader."""
+    r = GGUFReader(path)
+    n = int(r.fields["mistral4.block_count"].parts[-1][0])
+    kv_lora = int(r.fields["mistral4.attention.kv_lora_rank"].parts[-1][0])
+    rope = int(r.fields["mistral4.rope.dimension_count"].parts[-1][0])
+    sizes = {t.name: int(t.n_bytes) for t in r.tensors}
+    experts = [[s for name, s in sizes.items() if (m := EXPERT.match(name)) and int(m[1]) == i] for i in range(n)]
+    dense = [sum(s for name, s in sizes.items() if name.startswith(f"blk.{i}.") and not EXPERT.match(name))
+             for i in range(n)]
+    embd = sizes["token_embd.weight"]
+    out = sum(s for name, s in sizes.items() if not name.startswith("blk.") and name != "token_embd.weight")
+    return dict(n=n, row=kv_lora + rope, sizes=sizes, experts=[sum(e) for e in experts],
+                biggest=[max(e) for e in experts], dense=dense, embd=embd, out=out)
+
+
+def expected_n_cpu_moe(ref: dict, budget: int, n_ctx: int, reserve: int) -> int | None:
+    """The fewest blocks whose experts must stay in RAM, with everything else on the GPU."""
+    n, kv = ref["n"], n_ctx * ref["row"] * 2  # f16 cache: one latent K row per token and block
+    for k in range(n + 1):
+        copy = max(ref["biggest"][:k], default=0)  # a CPU expert stack is copied to the GPU for prompts
+        need = ref["out"] + sum(ref["dense"]) + n * kv + reserve + copy + sum(ref["experts"][k:])
+        if need <= budget:
+            return k
+    return None
+
+
+@pytest.fixture(scope="module")
+def tiny(ckpt, gguf_file):
+    return gguf_file(ckpt(layers=4), "Q8_0")
+
+
+@pytest.mark.parametrize("out_type", ["F32", "Q8_0"])
+def test_header_matches_gguf_reader(ckpt, gguf_file, out_type):
+    path = gguf_file(ckpt(), out_type)
+    info = read_model(path)
+    r = GGUFReader(path)
+    assert [(t.name, t.type, t.shape, t.nbytes) for t in info.tensors] == \
+        [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), int(t.n_bytes)) for t in r.tensors]
+    assert info.arch == "mistral4" and info.n_layer == 2 and info.is_mla
+    assert info.head_k == int(r.fields["mistral4.attention.key_length"].parts[-1][0])
+    assert info.head_v == int(r.fields["mistral4.attention.value_length"].parts[-1][0])
+    assert info.head_count_kv == 1
+
+
+def test_header_reads_every_file_of_a_split_set(ckpt, tmp_path):
+    whole = read_model(convert(ckpt(), out=tmp_path / "whole.gguf", out_type="F16").output)
+    result = convert(ckpt(), out=tmp_path / "split.gguf", out_type="F16", split_max_tensors=8)
+    assert len(result.files) > 2
+    parts = read_model(result.files[0])
+    assert sorted((t.name, t.nbytes) for t in parts.tensors) == sorted((t.name, t.nbytes) for t in whole.tensors)
+    result.files[-1].unlink()
+    with pytest.raises(ModelLoadError, match="missing"):
+        read_model(result.files[0])
+
+
+def test_header_errors_are_typed(tmp_path, gguf_file, ckpt):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        read_model(bad)
+    data = Path(gguf_file(ckpt(), "F32")).read_bytes()
+    for cut in (12, 300, 5000):  # inside the counts, the keys, the token array
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ModelLoadError, match="truncated"):
+            read_model(bad)
+
+
+# Mistral Small 4 at its real sizes (spec §2/§7.3, Q4_K_M), header only: the data is a hole in a
+# sparse file, so the test costs no disk and shows that nothing but the header is read.
+def _real_tensors():
+    H, V, E, F = 4096, 131072, 128, 2048
+    yield "token_embd.weight", [H, V], Q.Q4_K
+    for i in range(36):
+        down = Q.Q6_K if i % 3 == 0 else Q.Q4_K
+        yield from [(f"blk.{i}.attn_norm.weight", [H], Q.F32), (f"blk.{i}.attn_q_a.weight", [H, 1024], Q.Q4_K),
+                    (f"blk.{i}.attn_q_a_norm.weight", [1024], Q.F32), (f"blk.{i}.attn_q_b.weight", [1024, 4096], Q.Q4_K),
+                    (f"blk.{i}.attn_kv_a_mqa.weight", [H, 320], Q.Q4_K), (f"blk.{i}.attn_kv_a_norm.weight", [256], Q.F32),
+                    (f"blk.{i}.attn_k_b.weight", [64, 256, 32], Q.Q5_0), (f"blk.{i}.attn_v_b.weight", [256, 128, 32], Q.Q4_K),
+                    (f"blk.{i}.attn_output.weight", [H, H], Q.Q4_K), (f"blk.{i}.ffn_norm.weight", [H], Q.F32),
+                    (f"blk.{i}.ffn_gate_inp.weight", [H, E], Q.F32),
+                    (f"blk.{i}.ffn_gate_up_exps.weight", [H, 2 * F, E], Q.Q4_K),
+                    (f"blk.{i}.ffn_down_exps.weight", [F, H, E], down),
+                    (f"blk.{i}.ffn_gate_shexp.weight", [H, F], Q.Q4_K), (f"blk.{i}.ffn_up_shexp.weight", [H, F], Q.Q4_K),
+                    (f"blk.{i}.ffn_down_shexp.weight", [F, H], down)]
+    yield "output_norm.weight", [H], Q.F32
+    yield "output.weight", [H, V], Q.Q6_K
+
+
+@pytest.fixture(scope="module")
+def real_sized(tmp_path_factory):
+    path = tmp_path_factory.mktemp("real") / "Mistral-Small-4-119B-Q4_K_M.gguf"
+    w = GGUFWriter(str(path), "mistral4")
+    w.add_block_count(36)
+    for key, value in (("attention.kv_lora_rank", 256), ("rope.dimension_count", 64), ("attention.head_count", 32),
+                       ("attention.head_count_kv", 1), ("attention.key_length", 320), ("attention.value_length", 256)):
+        w.add_uint32(f"mistral4.{key}", value)
+    w.add_token_list([f"tok{i}" for i in range(131072)])  # a real-sized array to step over
+    total = 0
+    for name, ne, q in _real_tensors():
+        block, size = GGML_QUANT_SIZES[q]
+        nbytes = int(np.prod(ne)) // block * size
+        shape = list(reversed(ne))
+        if q != Q.F32:
+            shape[-1] = shape[-1] // block * size  # gguf-py takes quantized shapes in bytes
+        w.add_tensor_info(name, shape, np.float32 if q == Q.F32 else np.uint8, nbytes, raw_dtype=q)
+        total += nbytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    with open(path, "r+b") as f:
+        start = -(-f.seek(0, 2) // 32) * 32
+        f.truncate(start + total)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_ref(real_sized):
+    return reference(real_sized)  # GGUFReader decodes the 131072 tokens: seconds, so once
+
+
+def test_header_of_a_67_gb_file_is_read_in_a_blink(real_sized, real_ref):
+    assert real_sized.stat().st_size > 60e9
+    t0 = time.perf_counter()
+    info = read_model(real_sized)
+    assert time.perf_counter() - t0 < 2.0
+    assert info.n_layer == 36 and info.head_k == 320 and info.head_v == 256
+    assert info.nbytes == sum(real_ref["sizes"].values())
+    assert 60e9 < info.nbytes < 75e9  # the published Q4_K_M is 67.21 GB
+
+
+def test_real_model_on_a_24_gib_gpu(real_sized, real_ref):
+    ref = real_ref
+    budget, n_ctx, reserve = 23 * GiB, 32768, 2 * GiB
+    p = plan(read_model(real_sized), budget=budget, n_ctx=n_ctx, reserve=reserve, device="CUDA0")
+    assert p.n_gpu_layers == 37 and p.n_cpu_moe == expected_n_cpu_moe(ref, budget, n_ctx, reserve)
+    assert 20 <= p.n_cpu_moe <= 32  # ~1.9 GB of experts per block: a handful of blocks fit next to the rest
+    assert p.kv_bytes == 32768 * 320 * 2 * 36
+    assert p.fits and p.gpu_bytes <= budget
+    assert p.cpu_bytes == ref["embd"] + sum(ref["experts"][:p.n_cpu_moe])
+    # A bigger card holds more experts; a huge one holds all.
+    assert plan(read_model(real_sized), budget=47 * GiB, n_ctx=n_ctx, reserve=reserve).n_cpu_moe < p.n_cpu_moe
+    assert plan(read_model(real_sized), budget=80 * GiB, n_ctx=n_ctx, reserve=reserve).n_cpu_moe == 0
+
+
+def test_plan_boundaries_on_a_tiny_model(tiny):
+    ref = reference(tiny)
+    info = read_model(tiny)
+    n, n_ctx, reserve = ref["n"], 256, 1000
+    kv = n_ctx * ref["row"] * 2
+
+    def need(k):
+        return ref["out"] + sum(ref["dense"]) + n * kv + reserve + max(ref["biggest"][:k], default=0) + sum(ref["experts"][k:])
+
+    for k in range(n + 1):
+        for budget in (need(k), need(k) - 1):
+            p = plan(info, budget=budget, n_ctx=n_ctx, reserve=reserve)
+            if budget < need(n):
+                continue
+            assert p.n_cpu_moe == expected_n_cpu_moe(ref, budget, n_ctx, reserve)
+            assert p.n_gpu_layers == n + 1 and p.gpu_bytes == need(p.n_cpu_moe) and p.fits
+        # The exact budget of k blocks' experts in RAM is the plan for k; one byte less needs more.
+        assert plan(info, budget=need(k), n_ctx=n_ctx, reserve=reserve).n_cpu_moe <= k
+        if k < n:
+            assert plan(info, budget=need(k) - 1, n_ctx=n_ctx, reserve=reserve).n_cpu_moe > k
+
+
+def test_plan_accounts_for_every_byte(tiny):
+    ref = reference(tiny)
+    info = read_model(tiny)
+    for budget in (0, 10**4, 10**5, 10**6, 10**9):
+        p = plan(info, budget=budget, n_ctx=128, reserve=5000)
+        assert p.gpu_bytes + p.cpu_bytes == sum(ref["sizes"].values()) + kv_cache_bytes(info, 128) + p.compute_bytes
+        assert p.fits
+        assert any(r.what.startswith("token embeddings") and r.device == "CPU" for r in p.rows)
+
+
+def test_plan_shrinks_layers_when_even_attention_does_not_fit(tiny):
+    ref = reference(tiny)
+    info = read_model(tiny)
+    n, n_ctx, reserve = ref["n"], 256, 1000
+    kv = n_ctx * ref["row"] * 2
+    biggest = max(ref["biggest"])
+    all_dense = ref["out"] + sum(ref["dense"]) + n * kv + reserve + biggest
+    p = plan(info, budget=all_dense - 1, n_ctx=n_ctx, reserve=reserve)
+    # llama.cpp offloads the output layer first, then blocks from the last one down.
+    two_blocks = ref["out"] + ref["dense"][-1] + ref["dense"][-2] + 2 * kv + reserve + biggest
+    assert (p.n_gpu_layers, p.n_cpu_moe) == (n, n)
+    assert plan(info, budget=two_blocks, n_ctx=n_ctx, reserve=reserve).n_gpu_layers == 3
+    assert plan(info, budget=two_blocks - 1, n_ctx=n_ctx, reserve=reserve).n_gpu_layers == 2
+    nothing = plan(info, budget=0, n_ctx=n_ctx, reserve=reserve)
+    assert nothing.n_gpu_layers == 0 and nothing.gpu_bytes == 0
+
+
+def test_overrides_name_exactly_the_experts_left_in_ram(ckpt, gguf_file):
+    path = gguf_file(ckpt(layers=12), "F16")
+    names = [t.name for t in GGUFReader(path).tensors]
+    for k in (1, 2, 11):
+        (rule,) = expert_overrides(k, 12)
+        pattern, buft = rule.rsplit("=", 1)
+        hit = {name for name in names if re.search(pattern, name)}
+        assert buft == "CPU"
+        assert hit == {name for name in names if (m := EXPERT.match(name)) and int(m[1]) < k}
+    assert expert_overrides(12, 12) == [EXPERTS_REGEX + "=CPU"] and expert_overrides(0, 12) == []
+    shared = [name for name in names if "_shexp" in name]
+    assert shared and not any(re.search(EXPERTS_REGEX, name) for name in shared)
+
+
+def test_kv_cache_and_compute_estimates(tiny):
+    info = read_model(tiny)
+    row = reference(tiny)["row"]
+    # llama.cpp allocates cells in multiples of 256: -c 1000 holds 1024 (test_offload checks its log).
+    assert kv_cache_bytes(info, 1000) == kv_cache_bytes(info, 1024) == 1024 * row * 2 * info.n_layer
+    assert kv_cache_bytes(info, 1025) == 1280 * row * 2 * info.n_layer
+    assert kv_cache_bytes(info, 1024, "q8_0", "q8_0") == 1024 * (row // 32 * 34) * info.n_layer
+    heads = 2
+    assert compute_allowance(info, n_ctx=4096, n_ubatch=512, flash_attn="on") == 512 * MiB
+    assert compute_allowance(info, n_ctx=4096, n_ubatch=512, flash_attn="off") == 512 * MiB + heads * 4096 * 512 * 4
