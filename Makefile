@@ -51,3 +51,24 @@ BENCH_ARGS ?=
 
 bench-quantize: install
 	$(PY) bench/quantize_bench.py $(BENCH_ARGS)
+
+# Engine vs raw llama-cpp-python (prefill/decode t/s on one GGUF) and KV reuse on turn 5 of a chat
+# (a few minutes on 2 cores). Writes bench/results/chat.md.
+.PHONY: bench-chat
+
+bench-chat: install
+	$(PY) bench/chat_bench.py
+
+# Every quant type of a generated Mistral-Small-4-shaped checkpoint (~70 M parameters): size and KL
+# divergence vs F32 with `ms4local eval`'s code (a few minutes on 2 cores; needs matplotlib, the `bench`
+# extra). Writes bench/results/README.md (with the other benchmarks' tables) and the size-vs-KLD PNG.
+EVAL_BENCH_ARGS ?=
+
+.PHONY: bench-eval bench
+
+bench-eval: install
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/eval_bench.py $(EVAL_BENCH_ARGS)
+
+# All benchmarks; bench-eval last, so that its README collects the others' results.
+bench: bench-quantize bench-chat bench-eval

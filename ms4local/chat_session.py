@@ -34,12 +34,13 @@ from typing import Any, Protocol
 
 from .engine import Delta, Done, Sampling
 from .errors import Ms4localError
+from .images import check_image
 from .prompt import REASONING_EFFORTS
 from .stream import MalformedToolCall, ToolCall
 
 FILE_FORMAT = "ms4local-chat"
 FILE_VERSION = 1
-IMAGE_NOTICE = "images need the vision projector (not available yet)"
+IMAGE_NOTICE = "images need the model's vision projector (an mmproj-*.gguf beside the model, or --mmproj)"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -382,7 +383,8 @@ class ChatSession:
         content: Any = text
         if self.pending_images:
             if self.supports_images:
-                content = [{"type": "text", "text": text}] + [{"type": "image", "path": p} for p in self.pending_images]
+                # Images first, as mistral-common places a single image before the text.
+                content = [{"type": "image", "image": p} for p in self.pending_images] + [{"type": "text", "text": text}]
             else:
                 n = len(self.pending_images)
                 notices.append(f"{IMAGE_NOTICE}; {n} image{'s' if n > 1 else ''} not sent")
@@ -468,10 +470,16 @@ class ChatSession:
         raise SessionError(f"unknown command /{name}")
 
     def add_image(self, path: str) -> Reply:
-        """Keep an image for the next message (vision plugs in through `engine.supports_images`)."""
+        """Keep an image for the next message (when `engine.supports_images`).
+
+        The image is read and checked now (ImageError: empty, not an image, truncated, too small
+        or too large), so a bad file is reported at /image and never reaches the engine.
+        """
         p = Path(path).expanduser()
         if not p.is_file():
             raise SessionError(f"no image file at {path}")
+        if self.supports_images:
+            check_image(p)
         self.pending_images.append(str(p))
         if not self.supports_images:
             return Reply("notice", f"{IMAGE_NOTICE}; {p} is kept for your next message but will not be sent")

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import itertools
 import os
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,15 +32,17 @@ from typing import Any, Union
 
 import numpy as np
 
-from .errors import ContextError, ModelLoadError, OptionsError
+from .errors import ContextError, ImageError, ModelLoadError, OptionsError, PromptError
+from .images import DEFAULT_MAX_TOKENS, REFERENCE_SIDE, image_parts, load_image, part_source, prepare_bytes, read_source
 from .placement import (CACHE_TYPES, DEFAULT_HEADROOM, EXPERTS_REGEX, ModelInfo, Plan, expert_overrides,
                         plan, read_model)
-from .prompt import render, render_marked
+from .prompt import image_order, render, render_marked
 from .stream import (ContentDelta, End, MalformedToolCall, ReasoningDelta, StreamParser, Tags, ToolCall,
                      ToolCallDelta)
 from .stream import Event as StreamEvent
 
 _llama: Any = None
+_mtmd: Any = None
 _log_lock = threading.Lock()
 _log_lines: deque[tuple[int, str]] = deque(maxlen=4000)
 _log_total = 0  # lines ever received; marks count from here because the deque drops old lines
@@ -70,6 +73,20 @@ def llama() -> Any:
         llama_cpp.llama_backend_init()
         _llama = llama_cpp
     return _llama
+
+
+def mtmd() -> Any:
+    """Import llama-cpp-python's libmtmd bindings once (images), with their log routed like llama.cpp's."""
+    global _mtmd
+    if _mtmd is None:
+        llama()
+        try:
+            from llama_cpp import mtmd_cpp
+        except (ImportError, OSError) as e:
+            raise ModelLoadError(f"this llama-cpp-python build has no libmtmd, so images cannot be read: {e}") from None
+        mtmd_cpp.mtmd_log_set(_log_cb_ref, ctypes.c_void_p(0))
+        _mtmd = mtmd_cpp
+    return _mtmd
 
 
 def set_log_listener(listener: Callable[[int, str], None] | None) -> None:
@@ -150,6 +167,11 @@ class EngineOptions:
     override_tensor: list[str] = field(default_factory=list)  # "REGEX=BUFT"; the first match wins
     fit: bool | None = None
     vram: int | None = None
+    # Vision: the projector GGUF (None: an mmproj-*.gguf beside the model whose projection size
+    # matches, see `find_mmproj`), `no_mmproj` to load none, and the cap on merged image tokens.
+    mmproj: str | None = None
+    no_mmproj: bool = False
+    image_max_tokens: int = DEFAULT_MAX_TOKENS
 
     @property
     def manual_placement(self) -> bool:
@@ -177,6 +199,10 @@ class EngineOptions:
             parse_override(rule)
         if self.vram is not None and self.vram <= 0:
             raise OptionsError("--vram must be a positive size such as 24G")
+        if self.image_max_tokens < 1:
+            raise OptionsError(f"--image-max-tokens must be at least 1, got {self.image_max_tokens}")
+        if self.mmproj is not None and self.no_mmproj:
+            raise OptionsError("--mmproj and --no-mmproj contradict each other; pass one of them")
         if self.fit and self.manual_placement:
             raise OptionsError("--fit chooses -ngl and the expert placement itself; drop -ngl/--cpu-moe/"
                                "--n-cpu-moe/-ot, or pass --no-fit to place tensors by hand")
@@ -483,6 +509,108 @@ def place(model_path: str | os.PathLike[str], options: EngineOptions, info: Mode
     return Placement(resolved, plan_, notices=tuple(notices), single_gpu=dev.name)
 
 
+# ----------------------------------------------------------------------------- vision
+def _projection_dim(info: ModelInfo) -> int | None:
+    """The embedding size an mmproj GGUF projects images to (None: not a vision projector)."""
+    meta = info.metadata
+    if info.arch != "clip" or not meta.get("clip.has_vision_encoder"):
+        return None
+    dim = meta.get("clip.vision.projection_dim")
+    return int(dim) if isinstance(dim, int) else None  # type: ignore[arg-type]
+
+
+def find_mmproj(model_path: str | os.PathLike[str], n_embd: int | None = None) -> Path | None:
+    """The vision projector beside a model: an `mmproj-*.gguf` whose projection size equals the
+    model's embedding length (`n_embd`, else read from the model's header). Headers only.
+
+    Files that are not readable GGUFs, not vision projectors, or made for another model are
+    passed over; among the matches the name sorting first wins (F16 before F32 before Q8_0).
+    """
+    path = Path(model_path)
+    if n_embd is None:
+        try:
+            info = read_model(path)
+        except ModelLoadError:
+            return None
+        n_embd = int(info.key("embedding_length", 0) or 0)  # type: ignore[arg-type]
+    try:
+        candidates = sorted(p for p in path.parent.glob("mmproj-*.gguf") if p.is_file())
+    except OSError:
+        return None
+    for candidate in candidates:
+        try:
+            dim = _projection_dim(read_model(candidate))
+        except ModelLoadError:
+            continue
+        if dim == n_embd:
+            return candidate
+    return None
+
+
+_IMAGE_STRIDE = 1 << 20  # pseudo-ids of one image: -(1 + serial·stride + offset), offset < stride
+_IMAGE_PIXEL_BUDGET = 256 * 2**20  # decoded pixels kept for images not yet in the KV cache
+
+
+def _pseudo(token: int) -> tuple[int, int]:
+    """(image serial, offset in the image) of a pseudo-id (< 0)."""
+    return divmod(-token - 1, _IMAGE_STRIDE)
+
+
+@dataclass
+class _ImageEntry:
+    """An image the engine has seen: its layout and, until evicted, the pixels to encode it from."""
+
+    serial: int
+    n_tokens: int  # embeddings libmtmd makes: p_x·p_y + p_y − 1 ([IMG_BREAK] after each row but the last)
+    grid: tuple[int, int]  # (p_x, p_y) merged patches per row, rows
+    after: tuple[int, ...]  # text ids libmtmd puts after the image ([IMG_END])
+    size: tuple[int, int]  # pixels handed to libmtmd (multiples of the merged patch)
+    pixels: bytes | None
+
+    @property
+    def ids(self) -> list[int]:
+        base = 1 + self.serial * _IMAGE_STRIDE
+        return [-(base + j) for j in range(self.n_tokens)]
+
+    def break_rows(self) -> list[int]:
+        p_x, p_y = self.grid
+        return [(r + 1) * p_x + r for r in range(p_y - 1)]
+
+
+@dataclass
+class _Vision:
+    """A loaded projector: the libmtmd context and what the engine needs to drive it."""
+
+    ctx: Any
+    path: Path
+    unit: int  # pixels per merged patch side (patch × spatial merge)
+    max_side: int  # the reference resolution (longest side)
+    max_tokens: int
+    img_id: int  # the [IMG] token the chat template writes for each image
+    img_break: np.ndarray  # the [IMG_BREAK] embedding row (v.token_embd.img_break)
+
+
+def _img_break_row(path: Path, n_embd: int) -> np.ndarray:
+    """`v.token_embd.img_break` from the mmproj, as float32 (the converter writes F32)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/struct errors on damaged files
+        raise ModelLoadError(f"cannot read {path.name}: {e}") from None
+    for t in reader.tensors:
+        if t.name == "v.token_embd.img_break":
+            if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                raise ModelLoadError(f"{path.name}: v.token_embd.img_break is {t.tensor_type.name}; expected F32 or F16 "
+                                     "(re-convert the projector with `ms4local quantize --mmproj-only`)")
+            row = np.asarray(t.data, dtype=np.float32).reshape(-1)
+            if row.size != n_embd:
+                raise ModelLoadError(f"{path.name}: v.token_embd.img_break has {row.size} values, the model {n_embd}")
+            return row.copy()
+    raise ModelLoadError(f"{path.name} has no v.token_embd.img_break tensor (llama.cpp's own converter omits it); "
+                         "convert the projector with `ms4local quantize --mmproj-only`")
+
+
 class Engine:
     """A loaded GGUF model with one context. Not thread-safe: one generation at a time.
 
@@ -499,6 +627,13 @@ class Engine:
         self.ctx = None
         self.model = None
         self._batch = None
+        self._embd_batch = None
+        self._vision: _Vision | None = None
+        self.mmproj: Path | None = None  # the vision projector in use
+        self.images_encoded = 0  # images run through the vision tower (a turn that reuses one adds 0)
+        self._images: OrderedDict[bytes, _ImageEntry] = OrderedDict()  # by sha256 of the image bytes
+        self._image_serials: dict[int, _ImageEntry] = {}
+        self._serial = itertools.count()
         if not self.path.is_file():
             raise ModelLoadError(f"model file {self.path} does not exist")
         opts.check()
@@ -570,6 +705,16 @@ class Engine:
             raise ContextError(f"llama.cpp could not create a context: {_last_error(mark)}")
         self.n_ctx = L.llama_n_ctx(self.ctx)
         self._batch = L.llama_batch_init(opts.batch_size, 0, 1)
+        self.n_embd = L.llama_model_n_embd(self.model)
+        if not opts.no_mmproj:
+            mmproj = Path(opts.mmproj).expanduser() if opts.mmproj else find_mmproj(self.path, self.n_embd)
+            if mmproj is not None:
+                try:
+                    self._vision = self._load_vision(mmproj)
+                except BaseException:
+                    self.close()
+                    raise
+                self.mmproj = mmproj
 
     @staticmethod
     def _override_array(rules: list[str]) -> Any:
@@ -591,6 +736,272 @@ class Engine:
             arr[i].pattern = pattern.encode()
             arr[i].buft = buft
         return arr  # the zeroed last entry is the terminator
+
+    # ----------------------------------------------------------------------------- vision
+    @property
+    def supports_images(self) -> bool:
+        """True when a vision projector is loaded: messages may then carry image parts."""
+        return self._vision is not None
+
+    def _load_vision(self, path: Path) -> _Vision:
+        """Load the projector with libmtmd, after checking from its header that it fits this model."""
+        if not path.is_file():
+            raise ModelLoadError(f"mmproj file {path} does not exist")
+        info = read_model(path)
+        dim = _projection_dim(info)
+        if dim is None:
+            raise ModelLoadError(f"{path.name} is not a vision projector (an mmproj GGUF with a vision encoder)")
+        if dim != self.n_embd:
+            raise ModelLoadError(f"{path.name} projects images to {dim} values but {self.path.name} has an embedding "
+                                 f"size of {self.n_embd}: it belongs to another model; use the mmproj converted from "
+                                 "the same checkpoint (or --no-mmproj)")
+        kind = info.metadata.get("clip.projector_type")
+        if kind != "pixtral":
+            raise ModelLoadError(f"{path.name} is a {kind!r} projector; ms4local drives Mistral's Pixtral projector only")
+        img_id = self._special_id("[IMG]")
+        if img_id is None:
+            raise ModelLoadError(f"{self.path.name} has no [IMG] control token, so its template cannot place images")
+        img_break = _img_break_row(path, self.n_embd)
+        patch = int(info.metadata.get("clip.vision.patch_size", 14))  # type: ignore[arg-type]
+        merge = int(info.metadata.get("clip.vision.spatial_merge_size", 1) or 1)  # type: ignore[arg-type]
+        side = int(info.metadata.get("clip.vision.image_size", REFERENCE_SIDE) or REFERENCE_SIDE)  # type: ignore[arg-type]
+        M = mtmd()
+        opts = self.options
+        popts = self.placement.options
+        gpu = self.placement.applied and popts.n_gpu_layers not in (None, 0)
+        p = M.mtmd_context_params_default()
+        p.use_gpu = bool(gpu)
+        p.print_timings = False
+        p.n_threads = opts.threads or max(1, os.cpu_count() or 1)
+        p.warmup = bool(gpu)  # reserves the GPU buffers now; on the CPU it only costs load time
+        # Flash attention in the vision tower follows -fa on a GPU; the CPU path is the one the
+        # numerics tests hold to the reference (tests/test_vision_numerics.py), with it off.
+        p.flash_attn_type = FLASH_ATTN[opts.flash_attn] if gpu else FLASH_ATTN["off"]
+        # The engine sizes images itself (ms4local/images.py) to at most image_max_tokens merged
+        # patches; min 1 keeps libmtmd from enlarging a small image to its default minimum of 8.
+        p.image_min_tokens = 1
+        p.image_max_tokens = opts.image_max_tokens
+        mark = log_mark()
+        ctx = M.mtmd_init_from_file(str(path).encode(), self.model, p)
+        if not ctx:
+            raise ModelLoadError(f"libmtmd could not load {path.name}: {_last_error(mark)}")
+        if not M.mtmd_support_vision(ctx) or M.mtmd_decode_use_mrope(ctx):
+            M.mtmd_free(ctx)
+            raise ModelLoadError(f"{path.name} is not an image projector ms4local can drive (no vision input, or M-RoPE)")
+        return _Vision(ctx=ctx, path=path, unit=patch * merge, max_side=side, max_tokens=opts.image_max_tokens,
+                       img_id=img_id, img_break=img_break)
+
+    def load_image(self, source: Any) -> bytes:
+        """`ms4local.images.load_image`: validate an image (path, data: URI, bytes) → PNG bytes."""
+        return load_image(source)
+
+    def image_embeddings(self, source: Any) -> np.ndarray:
+        """The embeddings [n_tokens, n_embd] the model reads for an image (path, data: URI or
+        bytes), [IMG_BREAK] rows included — what `chat` evaluates in place of its [IMG]. Encodes
+        it (counted in `images_encoded`); the KV cache is not touched."""
+        if self._vision is None:
+            raise ImageError(f"{self.path.name} has no vision projector loaded")
+        return self._encode_image(self._image({"type": "image", "image": source}))
+
+    def _image(self, part: dict[str, Any]) -> _ImageEntry:
+        """The entry of an image part, reading and validating the image (ImageError if unusable).
+
+        Images are known by the sha256 of their bytes: the same picture in the next turn maps to
+        the same pseudo-ids, so the KV-cache prefix compare reuses it without encoding it again.
+        """
+        v = self._vision
+        assert v is not None
+        src = read_source(part_source(part))
+        digest = src.digest
+        entry = self._images.get(digest)
+        if entry is not None and entry.pixels is not None:
+            self._images.move_to_end(digest)
+            return entry
+        pixels, grid = prepare_bytes(src, unit=v.unit, max_side=v.max_side, max_tokens=v.max_tokens)
+        if entry is None:
+            chunks, chunk = self._mtmd_chunk(pixels.width, pixels.height, pixels.rgb)
+            try:
+                n_tokens, after = self._chunk_layout(chunks, chunk)
+            finally:
+                mtmd().mtmd_input_chunks_free(chunks)
+            p_x, p_y = grid
+            if n_tokens != p_x * p_y + p_y - 1:
+                raise ContextError(f"libmtmd made {n_tokens} embeddings of a {pixels.width}×{pixels.height} image, "
+                                   f"expected {p_x * p_y + p_y - 1} ({p_x}×{p_y} patches and row breaks)")
+            entry = _ImageEntry(serial=next(self._serial), n_tokens=n_tokens, grid=grid, after=after,
+                                size=(pixels.width, pixels.height), pixels=None)
+            self._image_serials[entry.serial] = entry
+        entry.pixels = pixels.rgb
+        self._images[digest] = entry
+        self._images.move_to_end(digest)
+        self._evict_images(keep=entry)
+        return entry
+
+    def _evict_images(self, keep: _ImageEntry) -> None:
+        """Drop the pixels of the least recently used images beyond the memory budget (their layout
+        stays, so the KV cache still recognises them), and forget the oldest beyond 4096 images."""
+        total = sum(len(e.pixels) for e in self._images.values() if e.pixels is not None)
+        for e in self._images.values():
+            if total <= _IMAGE_PIXEL_BUDGET:
+                break
+            if e is not keep and e.pixels is not None:
+                total -= len(e.pixels)
+                e.pixels = None
+        while len(self._images) > 4096:
+            _, old = self._images.popitem(last=False)
+            self._image_serials.pop(old.serial, None)
+
+    def _mtmd_chunk(self, width: int, height: int, rgb: bytes) -> tuple[Any, Any]:
+        """libmtmd's chunks for one RGB image (image chunk, then [IMG_END] text): (chunks, image chunk)."""
+        M = mtmd()
+        v = self._vision
+        assert v is not None
+        bitmap = M.mtmd_bitmap_init(width, height, (ctypes.c_uint8 * len(rgb)).from_buffer_copy(rgb))
+        if not bitmap:
+            raise ContextError("libmtmd could not take the image")
+        chunks = M.mtmd_input_chunks_init()
+        try:
+            part = M.mtmd_input_part()
+            part.bitmap = bitmap
+            parts = (ctypes.POINTER(M.mtmd_input_part) * 1)(ctypes.pointer(part))
+            mark = log_mark()
+            rc = M.mtmd_tokenize_from_parts(v.ctx, chunks, parts, 1, False)
+            if rc != 0:
+                raise ContextError(f"libmtmd could not prepare the image (code {rc}): {_last_error(mark)}")
+            found = [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
+            images = [c for c in found if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+            if len(images) != 1:
+                raise ContextError(f"libmtmd made {len(images)} image chunks of one image")
+            return chunks, images[0]
+        except BaseException:
+            M.mtmd_input_chunks_free(chunks)
+            raise
+        finally:
+            M.mtmd_bitmap_free(bitmap)
+
+    def _chunk_layout(self, chunks: Any, image: Any) -> tuple[int, tuple[int, ...]]:
+        """(embeddings of the image chunk, text ids libmtmd puts after it)."""
+        M = mtmd()
+        after: list[int] = []
+        seen = False
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            c = M.mtmd_input_chunks_get(chunks, i)
+            if M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                seen = True
+            elif seen and M.mtmd_input_chunk_get_type(c) == M.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ptr = M.mtmd_input_chunk_get_tokens_text(c, ctypes.byref(n))
+                after += [int(ptr[j]) for j in range(n.value)]
+        n_tokens = int(M.mtmd_input_chunk_get_n_tokens(image))
+        if int(M.mtmd_input_chunk_get_n_pos(image)) != n_tokens:
+            raise ContextError("libmtmd gives this image fewer positions than embeddings (M-RoPE), which ms4local "
+                               "does not drive")
+        return n_tokens, tuple(after)
+
+    def _encode_image(self, entry: _ImageEntry) -> np.ndarray:
+        """The image's embeddings [n_tokens, n_embd] from the vision tower, [IMG_BREAK] rows exact.
+
+        libmtmd builds the [IMG_BREAK] rows as (an uninitialised tensor × 0) + img_break, which is
+        NaN where the garbage was Inf/NaN (an upstream bug, tests/test_vision_numerics.py); those
+        rows are written here from the projector's own img_break row, which is what they should be.
+        """
+        M = mtmd()
+        v = self._vision
+        assert v is not None
+        if entry.pixels is None:
+            raise ContextError("this image's pixels were dropped from memory before it could be encoded; send it again")
+        chunks, chunk = self._mtmd_chunk(*entry.size, entry.pixels)
+        try:
+            n = int(M.mtmd_input_chunk_get_n_tokens(chunk))
+            if n != entry.n_tokens:
+                raise ContextError(f"libmtmd made {n} embeddings of an image it had counted as {entry.n_tokens}")
+            mark = log_mark()
+            rc = M.mtmd_encode_chunk(v.ctx, chunk)
+            if rc != 0:
+                raise ContextError(f"libmtmd could not encode the image (code {rc}): {_last_error(mark)}")
+            ptr = M.mtmd_get_output_embd(v.ctx)
+            embd = np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
+        finally:
+            M.mtmd_input_chunks_free(chunks)
+        embd[entry.break_rows()] = v.img_break
+        self.images_encoded += 1
+        return embd
+
+    def _decode_embd(self, embd: np.ndarray, start_pos: int, want_all: bool, out: np.ndarray | None = None) -> None:
+        """Evaluate embedding rows (an image) at positions start_pos.. in batches."""
+        L = llama()
+        if self._embd_batch is None:
+            self._embd_batch = L.llama_batch_init(self.options.batch_size, self.n_embd, 1)
+        b = self._embd_batch
+        step = self.options.batch_size
+        embd = np.ascontiguousarray(embd, dtype=np.float32)
+        for off in range(0, len(embd), step):
+            part = embd[off:off + step]
+            b.n_tokens = len(part)
+            ctypes.memmove(b.embd, part.ctypes.data, part.nbytes)
+            for i in range(len(part)):
+                b.pos[i] = start_pos + off + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = want_all
+            mark = log_mark()
+            rc = L.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise ContextError(f"llama_decode of image embeddings failed (code {rc}): {_last_error(mark)}")
+            if out is not None:
+                self._copy_logits(out[off:off + len(part)])
+
+    def _copy_logits(self, rows: np.ndarray) -> None:
+        L = llama()
+        for i in range(len(rows)):
+            rows[i] = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+
+    def _evaluate(self, tokens: list[int], start_pos: int, want_all: bool = False, out: np.ndarray | None = None) -> None:
+        """Evaluate prompt ids (text ids and image pseudo-ids) at start_pos.., recording each run
+        in the cached sequence once it is in the KV cache; logits for the last (or all) positions."""
+        i = 0
+        while i < len(tokens):
+            j = i
+            if tokens[i] >= 0:
+                while j < len(tokens) and tokens[j] >= 0:
+                    j += 1
+                run = tokens[i:j]
+                if out is None:
+                    self._decode(run, start_pos + i, want_all=want_all)
+                else:
+                    self._decode(run, start_pos + i, want_all=want_all, out=out[i:j])
+            else:
+                serial, offset = _pseudo(tokens[i])
+                entry = self._image_serials.get(serial)
+                if entry is None or offset != 0 or tokens[i:i + entry.n_tokens] != entry.ids:
+                    raise ContextError("the prompt holds image ids this engine did not make (build prompts with "
+                                       "prompt_tokens or chat)")
+                j = i + entry.n_tokens
+                self._decode_embd(self._encode_image(entry), start_pos + i, want_all,
+                                  None if out is None else out[i:j])
+                run = tokens[i:j]
+            self._state.tokens.extend(run)
+            i = j
+
+    def _with_images(self, ids: list[int], messages: list[dict[str, Any]], parts: list[dict[str, Any]],
+                     **render_kwargs: Any) -> list[int]:
+        """Replace each [IMG] the template wrote with the image's pseudo-ids and [IMG_END]."""
+        v = self._vision
+        assert v is not None
+        where = [i for i, t in enumerate(ids) if t == v.img_id]
+        if len(where) != len(parts):
+            raise PromptError(f"the chat template wrote {len(where)} image markers for {len(parts)} images")
+        order = image_order(self.chat_template or "", messages, **render_kwargs) if len(parts) > 1 else [0]
+        entries = [self._image(parts[k]) for k in order]
+        out: list[int] = []
+        prev = 0
+        for pos, entry in zip(where, entries):
+            out += ids[prev:pos]
+            out += entry.ids
+            out += entry.after
+            prev = pos + 1
+        out += ids[prev:]
+        return out
 
     # ----------------------------------------------------------------------------- metadata
     def _read_metadata(self) -> dict[str, str]:
@@ -638,7 +1049,10 @@ class Engine:
         return list(buf[:n])
 
     def piece(self, token: int, *, special: bool = True) -> bytes:
-        """The bytes of one token (control tokens as their text when `special`)."""
+        """The bytes of one token (control tokens as their text when `special`); none for the
+        pseudo-ids that stand for image embeddings in a prompt (< 0)."""
+        if token < 0:
+            return b""
         L = llama()
         buf = ctypes.create_string_buffer(64)
         n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
@@ -651,8 +1065,9 @@ class Engine:
         return b"".join(self.piece(t, special=special) for t in tokens).decode("utf-8", "replace")
 
     # ----------------------------------------------------------------------------- evaluation
-    def _decode(self, tokens: list[int], start_pos: int, want_all: bool) -> None:
-        """Evaluate `tokens` at positions start_pos.. in batches; logits for the last (or all)."""
+    def _decode(self, tokens: list[int], start_pos: int, want_all: bool, out: np.ndarray | None = None) -> None:
+        """Evaluate `tokens` at positions start_pos.. in batches; logits for the last (or all),
+        copied into `out` (one row per token) after each batch when given."""
         L = llama()
         b = self._batch
         step = self.options.batch_size
@@ -669,6 +1084,8 @@ class Engine:
             rc = L.llama_decode(self.ctx, b)
             if rc != 0:
                 raise ContextError(f"llama_decode failed (code {rc}): {_last_error(mark)}")
+            if out is not None:
+                self._copy_logits(out[off:off + len(part)])
 
     def _sync_prefix(self, tokens: list[int]) -> int:
         """Drop the cached tail that differs from `tokens`; return how many tokens are reused.
@@ -681,6 +1098,8 @@ class Engine:
         limit = min(len(cached), len(tokens) - 1)
         while keep < limit and cached[keep] == tokens[keep]:
             keep += 1
+        while 0 < keep < len(tokens) and tokens[keep] < 0 and _pseudo(tokens[keep])[1] > 0:
+            keep -= 1  # never keep part of an image: its embeddings are evaluated whole
         # Trim even when the recorded tokens are all kept: a decode interrupted before its token
         # was recorded (Ctrl-C between llama_decode and the append) leaves positions in the KV
         # cache that the list does not know about, and the next decode at those positions fails.
@@ -702,12 +1121,8 @@ class Engine:
         if len(tokens) > self.n_ctx:
             raise ContextError(f"{len(tokens)} tokens do not fit in the context of {self.n_ctx}")
         self.reset()
-        self._decode(tokens, 0, want_all=True)
-        self._state.tokens = list(tokens)
         out = np.empty((len(tokens), self.n_vocab), dtype=np.float32)
-        for i in range(len(tokens)):
-            ptr = L.llama_get_logits_ith(self.ctx, i)
-            out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        self._evaluate(list(tokens), 0, want_all=True, out=out)
         return out
 
     # ----------------------------------------------------------------------------- generation
@@ -726,6 +1141,9 @@ class Engine:
 
         Control tokens come from the template only: text inside a message that reads like one
         ("[INST]", "</s>") is tokenized as the plain text it is, as mistral-common does.
+        Image parts (ImageError if unusable, or without a projector) become one negative
+        pseudo-id per image embedding, followed by [IMG_END]; `generate` evaluates those runs as
+        the image's embeddings, and `len()` counts them as the context positions they take.
         """
         template = self.chat_template
         if not template:
@@ -734,9 +1152,20 @@ class Engine:
                                      bos_token=self.piece(self.bos_id).decode("utf-8", "replace"),
                                      eos_token=self.piece(self.eos_id).decode("utf-8", "replace"))
         ids = self.tokenize(text, add_special=False, parse_special=True)
-        if not ranges or not any(self._special_re.search(text, a, b) for a, b in ranges):
-            return ids  # no message text could be taken for a control token
-        return self._unspecial(text, ids, ranges)
+        if ranges and any(self._special_re.search(text, a, b) for a, b in ranges):
+            ids = self._unspecial(text, ids, ranges)  # message text may hold control-token text
+        parts = image_parts(messages)
+        if not parts:
+            return ids
+        if self._vision is None:
+            raise ImageError(f"{self.path.name} has no vision projector loaded, so it cannot read images; "
+                             "put its mmproj-*.gguf beside it or pass --mmproj")
+        # Images: each [IMG] the template wrote (message text cannot make one, see above) becomes
+        # a run of pseudo-ids, negative numbers derived from the image, that `generate` evaluates
+        # as the image's embeddings; they compare equal across turns like any token.
+        return self._with_images(ids, messages, parts, reasoning_effort=reasoning_effort, tools=tools,
+                                 bos_token=self.piece(self.bos_id).decode("utf-8", "replace"),
+                                 eos_token=self.piece(self.eos_id).decode("utf-8", "replace"))
 
     @property
     def _special_re(self) -> re.Pattern[str]:
@@ -814,8 +1243,7 @@ class Engine:
         t0 = time.perf_counter()
         cached = self._sync_prefix(prompt)
         todo = prompt[cached:]
-        self._decode(todo, cached, want_all=False)
-        self._state.tokens.extend(todo)
+        self._evaluate(todo, cached)
         t_prompt = time.perf_counter() - t0
         chain = self._sampler(s)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -954,6 +1382,12 @@ class Engine:
     # ----------------------------------------------------------------------------- lifetime
     def close(self) -> None:
         L = llama()
+        if getattr(self, "_vision", None) is not None:
+            mtmd().mtmd_free(self._vision.ctx)
+            self._vision = None
+        if getattr(self, "_embd_batch", None) is not None:
+            L.llama_batch_free(self._embd_batch)
+            self._embd_batch = None
         if getattr(self, "_batch", None) is not None:
             L.llama_batch_free(self._batch)
             self._batch = None

@@ -29,3 +29,8 @@ class EvalError(Ms4localError):
 
 class VocabMismatchError(EvalError):
     """The model and the reference do not share a vocabulary, so their distributions cannot be compared."""
+
+
+class ImageError(Ms4localError):
+    """An image that cannot be used: missing, unreadable, empty, not an image, truncated, too small
+    or too large, or an image sent to a model without its vision projector."""

@@ -205,3 +205,39 @@ def render_marked(template: str, messages: list[dict[str, Any]], **kwargs: Any) 
     if inside is not None or "".join(plain) != text:
         return text, None
     return text, ranges
+
+
+# ----------------------------------------------------------------------------------- images
+_IMAGE_MARK = re.compile("\ue010(\\d+)\ue011")
+
+
+def image_order(template: str, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+    """The order in which the template writes the conversation's image parts: indices into the
+    image parts taken in message order (`ms4local.images.image_parts`).
+
+    A template writes the same `[IMG]` for every image, and may move messages (tool results go in
+    the order of the calls they answer), so the prompt is rendered once more with each image part
+    replaced by a text part that names it. Identity when that render fails or loses a name.
+    """
+    count = 0
+
+    def swap(content: Any) -> Any:
+        nonlocal count
+        if not isinstance(content, list):
+            return content
+        out = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") in ("image", "image_url"):
+                out.append({"type": "text", "text": f"\ue010{count}\ue011"})
+                count += 1
+            else:
+                out.append(part)
+        return out
+
+    named = [{**m, "content": swap(m.get("content"))} if isinstance(m, dict) and "content" in m else m
+             for m in messages]
+    try:
+        found = [int(k) for k in _IMAGE_MARK.findall(render(template, named, **kwargs))]
+    except PromptError:
+        found = []
+    return found if sorted(found) == list(range(count)) else list(range(count))

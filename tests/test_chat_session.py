@@ -341,8 +341,10 @@ def test_image_without_vision_is_a_notice_and_not_sent(vocab, tmp_path):
 
 
 def test_image_goes_as_content_part_when_engine_supports_it(vocab, tmp_path):
+    from PIL import Image
+
     img = tmp_path / "cat.png"
-    img.write_bytes(b"\x89PNG\r\n\x1a\n")
+    Image.new("RGB", (30, 20), (200, 120, 40)).save(img)
     engine = ScriptedEngine(vocab, [("A cat.", False)], supports_images=True)
     s = ChatSession(engine)
     assert s.execute(Command("image", str(img))).kind == "info"
@@ -350,8 +352,21 @@ def test_image_goes_as_content_part_when_engine_supports_it(vocab, tmp_path):
     run(turn)
     assert turn.notices == []
     assert engine.calls[-1]["messages"][-1] == {"role": "user", "content": [
-        {"type": "text", "text": "What is it?"}, {"type": "image", "path": str(img)}]}
-    assert "[IMG]What is it?[/INST]" in s.last_prompt  # the template puts the image first
+        {"type": "image", "image": str(img)}, {"type": "text", "text": "What is it?"}]}
+    assert "[IMG]What is it?[/INST]" in s.last_prompt
+
+
+def test_a_bad_image_is_refused_at_image_and_the_chat_goes_on(vocab, tmp_path):
+    from ms4local.errors import ImageError
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n")  # a PNG signature and nothing else
+    s = ChatSession(ScriptedEngine(vocab, [("ok", False)], supports_images=True))
+    with pytest.raises(ImageError, match="bad.png"):
+        s.execute(Command("image", str(bad)))
+    assert s.pending_images == []
+    run(s.send("Hi"))
+    assert s.history[-1] == {"role": "assistant", "content": "ok"}
 
 
 def test_prompt_and_stats_commands(vocab):

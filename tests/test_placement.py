@@ -7,7 +7,6 @@ ms4local.placement's reader or classification, so a wrong size or a misfiled ten
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -113,15 +112,15 @@ def _real_tensors():
     yield "output.weight", [H, V], Q.Q6_K
 
 
-@pytest.fixture(scope="module")
-def real_sized(tmp_path_factory):
-    path = tmp_path_factory.mktemp("real") / "Mistral-Small-4-119B-Q4_K_M.gguf"
+def write_real_sized_header(path: Path, keys: dict[str, int], token_types: bool = False) -> tuple[Path, int]:
+    """A GGUF header with the real model's tensors over a hole of their size (a sparse file); (path, tensor bytes)."""
     w = GGUFWriter(str(path), "mistral4")
     w.add_block_count(36)
-    for key, value in (("attention.kv_lora_rank", 256), ("rope.dimension_count", 64), ("attention.head_count", 32),
-                       ("attention.head_count_kv", 1), ("attention.key_length", 320), ("attention.value_length", 256)):
+    for key, value in keys.items():
         w.add_uint32(f"mistral4.{key}", value)
     w.add_token_list([f"tok{i}" for i in range(131072)])  # a real-sized array to step over
+    if token_types:
+        w.add_token_types([3 if i < 1000 else 1 for i in range(131072)])  # 1000 control tokens, as tekken v15
     total = 0
     for name, ne, q in _real_tensors():
         block, size = GGML_QUANT_SIZES[q]
@@ -138,7 +137,15 @@ def real_sized(tmp_path_factory):
     with open(path, "r+b") as f:
         start = -(-f.seek(0, 2) // 32) * 32
         f.truncate(start + total)
-    return path
+    return path, total
+
+
+@pytest.fixture(scope="module")
+def real_sized(tmp_path_factory):
+    return write_real_sized_header(
+        tmp_path_factory.mktemp("real") / "Mistral-Small-4-119B-Q4_K_M.gguf",
+        {"attention.kv_lora_rank": 256, "rope.dimension_count": 64, "attention.head_count": 32,
+         "attention.head_count_kv": 1, "attention.key_length": 320, "attention.value_length": 256})[0]
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +153,10 @@ def real_ref(real_sized):
     return reference(real_sized)  # GGUFReader decodes the 131072 tokens: seconds, so once
 
 
-def test_header_of_a_67_gb_file_is_read_in_a_blink(real_sized, real_ref):
+def test_header_of_a_67_gb_file_is_read(real_sized, real_ref):
+    """The data is a hole: the header is all there is to read (speed is `make bench`'s business)."""
     assert real_sized.stat().st_size > 60e9
-    t0 = time.perf_counter()
     info = read_model(real_sized)
-    assert time.perf_counter() - t0 < 2.0
     assert info.n_layer == 36 and info.head_k == 320 and info.head_v == 256
     assert info.nbytes == sum(real_ref["sizes"].values())
     assert 60e9 < info.nbytes < 75e9  # the published Q4_K_M is 67.21 GB

@@ -24,6 +24,7 @@ from ..chat_session import (COMMANDS, ChatSession, Command, InputAssembler, Repl
 from ..engine import Delta, Done, Engine, Sampling
 from ..stream import MalformedToolCall, ToolCall
 from ..errors import Ms4localError
+from ..images import check_image
 from . import options
 from .errors import fail, handle_errors
 
@@ -67,8 +68,12 @@ def chat(
     override_tensor: options.OverrideTensor = None,
     fit: options.Fit = None,
     vram: options.Vram = None,
+    image: options.ImagePath = None,
+    mmproj: options.Mmproj = None,
+    no_mmproj: options.NoMmproj = False,
+    image_max_tokens: options.ImageMaxTokens = 1024,
 ) -> None:
-    """Chat with a GGUF model: interactive, or one-shot with --prompt."""
+    """Chat with a GGUF model: interactive, or one-shot with --prompt; --image attaches pictures."""
     if reasoning_effort not in ("none", "high"):
         raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
     if as_json and prompt is None:
@@ -77,18 +82,31 @@ def chat(
     opts = options.engine_options(
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
-        n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram)
+        n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
+        image_max_tokens=image_max_tokens)
+    images = list(image or [])
+    if images and no_mmproj:
+        raise fail("--image needs the vision projector; drop --no-mmproj", 2)
+    for source in images:  # a bad image fails here, before the model is loaded
+        check_image(source)
     placement = options.resolve_placement(model, opts)
     with ui.fraction_progress("loading") as progress:
         engine = Engine(model, opts, progress=progress, placement=placement)
     with engine:
+        if images and not engine.supports_images:
+            raise fail(f"--image needs the model's vision projector: no mmproj-*.gguf made for {Path(model).name} "
+                       "lies beside it; pass --mmproj PATH", 2)
         if prompt is not None:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            content: Any = prompt
+            if images:
+                content = [{"type": "image", "image": source} for source in images] + [{"type": "text", "text": prompt}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
             one_shot(engine, messages, sampling_for(reasoning_effort, temp, max_tokens, seed, **knobs),
                      reasoning_effort=reasoning_effort, as_json=as_json, hide_thinking=hide_thinking)
             return
         session = ChatSession(engine, system=system, reasoning_effort=reasoning_effort,
                               sampling=lambda effort: sampling_for(effort, temp, max_tokens, seed, **knobs))
+        session.pending_images.extend(images)  # checked above; they go with the first message
         interactive(session, title=Path(model).name, hide_thinking=hide_thinking)
 
 

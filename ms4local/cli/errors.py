@@ -17,7 +17,7 @@ import typer
 from quantize.errors import QuantizeError, UnsupportedTypeError
 from quantize.units import SizeError
 
-from ..errors import Ms4localError, OptionsError
+from ..errors import ImageError, Ms4localError, OptionsError, VocabMismatchError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,6 +26,8 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (UnsupportedTypeError, 2),
     (SizeError, 2),
     (OptionsError, 2),
+    (VocabMismatchError, 2),  # `eval --reference` with a file of another model: a wrong argument
+    (ImageError, 2),  # --image with a file that is no usable image: a wrong argument
     (QuantizeError, 1),
     (Ms4localError, 1),
 ]

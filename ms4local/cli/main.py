@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import chat, demo, doctor, quantize, tokenize
+from . import chat, demo, doctor, eval, info, quantize, tokenize
 
 app = typer.Typer(
     name="ms4local",
@@ -18,6 +18,8 @@ app.command("chat")(chat.chat)
 app.command("tokenize")(tokenize.tokenize)
 app.command("demo")(demo.demo)
 app.command("doctor")(doctor.doctor)
+app.command("info")(info.info)
+app.command("eval")(eval.eval_command)
 
 if __name__ == "__main__":
     app()

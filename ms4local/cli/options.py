@@ -59,6 +59,19 @@ Vram = Annotated[Optional[str], typer.Option(
     "--vram", metavar="SIZE", show_default=False, help="Plan --fit for this much GPU memory (24G, 24GiB, 512M) "
                                                        "instead of what the GPU reports free.")]
 
+# ----------------------------------------------------------------------------- images
+Mmproj = Annotated[Optional[str], typer.Option(
+    "--mmproj", metavar="PATH", show_default=False,
+    help="Vision projector GGUF. Default: an mmproj-*.gguf beside the model made for it.")]
+NoMmproj = Annotated[bool, typer.Option("--no-mmproj", help="Load no vision projector (text only, less memory).")]
+ImageMaxTokens = Annotated[int, typer.Option(
+    "--image-max-tokens", metavar="N",
+    help="Most merged patches per image (llama.cpp's default 1024 ≈ 896×896 px). The model was trained up to "
+         "1540 px (55×55 = 3025): more keeps detail, costs context and prompt time.")]
+ImagePath = Annotated[Optional[list[str]], typer.Option(
+    "--image", metavar="PATH", show_default=False,
+    help="Image for the (first) message: a PNG, JPEG, WebP, GIF or BMP file or a data: URI; repeatable.")]
+
 
 def parse_gpu_layers(value: str | int | None) -> int | None:
     """-ngl as llama.cpp reads it: a count, or `all` (also `-1`); None leaves it to the engine."""
@@ -76,7 +89,8 @@ def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_si
                    ubatch_size: int = 512, flash_attn: str = "auto", cache_type_k: str = "f16",
                    cache_type_v: str = "f16", n_gpu_layers: str | int | None = None, cpu_moe: bool = False,
                    n_cpu_moe: int = 0, override_tensor: list[str] | None = None, fit: bool | None = None,
-                   vram: str | int | None = None) -> EngineOptions:
+                   vram: str | int | None = None, mmproj: str | None = None, no_mmproj: bool = False,
+                   image_max_tokens: int = 1024) -> EngineOptions:
     """The command-line engine flags as one checked `EngineOptions` (raises OptionsError/SizeError).
 
     Everything that can be judged without the model is judged here, so a typo fails before the
@@ -88,7 +102,8 @@ def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_si
         flash_attn=flash_attn.strip().lower(), type_k=cache_type_k.strip().lower(), type_v=cache_type_v.strip().lower(),
         n_gpu_layers=parse_gpu_layers(n_gpu_layers), cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
         override_tensor=list(override_tensor or []), fit=fit,
-        vram=parse_size(vram) if isinstance(vram, str) else vram)
+        vram=parse_size(vram) if isinstance(vram, str) else vram, mmproj=mmproj, no_mmproj=no_mmproj,
+        image_max_tokens=image_max_tokens)
     opts.check()
     return opts
 

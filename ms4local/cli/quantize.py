@@ -16,7 +16,9 @@ from quantize.policy import FILE_TYPES
 from quantize.units import parse_size
 
 from .. import ui
+from ..placement import read_model
 from .errors import fail, handle_errors
+from .eval import result_table, run_eval
 
 TYPES = list(FILE_TYPES)
 
@@ -40,6 +42,11 @@ def quantize(
     mmproj_only: Annotated[bool, typer.Option("--mmproj-only", help="Write only the vision projector.")] = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip the quantization-error report (<out>.quant.json).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-tensor plan and write nothing.")] = False,
+    eval_against: Annotated[Optional[str], typer.Option(
+        "--eval-against", metavar="REF.gguf", show_default=False,
+        help="After writing, measure perplexity and KL divergence against this GGUF (as `ms4local eval --reference`).")] = None,
+    eval_ctx: Annotated[int, typer.Option("--eval-ctx", help="Context size of the --eval-against chunks.")] = 512,
+    eval_chunks: Annotated[int, typer.Option("--eval-chunks", help="Chunks scored by --eval-against (0: all).")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Convert a Mistral Small 4 checkpoint (FP8/BF16/F16/F32 safetensors) to GGUF, in one pass.
@@ -52,6 +59,10 @@ def quantize(
         kwargs["quant_report"] = not no_report
     if no_mmproj and mmproj_only:
         raise fail("--no-mmproj and --mmproj-only contradict each other", 2)
+    if eval_against is not None and not dry_run:
+        if mmproj_only:
+            raise fail("--eval-against measures the text model; drop --mmproj-only", 2)
+        read_model(eval_against)  # a missing or broken reference fails before an hour of quantizing
     if dry_run:
         plan = converter.convert(src, dry_run=True, **kwargs)
         files = ", ".join(str(f) for f in plan.files)
@@ -83,3 +94,6 @@ def quantize(
         for cls, err in sorted(result.report.by_class().items(), key=lambda kv: -kv[1]):
             table.add_row(cls, f"{err:.2e}")
         ui.err.print(table)
+    if eval_against is not None and result.files:
+        evaluation = run_eval(result.files[0], reference=eval_against, text=None, ctx_size=eval_ctx, chunks=eval_chunks)
+        ui.out.print(result_table(evaluation, size=result.total_bytes))
