@@ -73,7 +73,7 @@ CONVERT = textwrap.dedent("""
             import quantize
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             t0 = time.perf_counter()
-            result = quantize.convert(sys.argv[1], out=sys.argv[2], out_type="F16")
+            result = quantize.convert(sys.argv[1], out=sys.argv[2], out_type=sys.argv[3])
             print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "import_kib": base,
                               "seconds": time.perf_counter() - t0, "written": result.written,
                               "total_bytes": result.total_bytes}))
@@ -97,7 +97,7 @@ def test_convert_peak_rss_under_1gb(big_checkpoint, tmp_path_factory):
     assert on_disk > 2 * 10**9 and stack >= 400 * 2**20, "the checkpoint is not as big as this test needs"
     out = src.parent / "Big-Mistral4-F16.gguf"
 
-    p = subprocess.run([sys.executable, "-c", CONVERT, str(src), str(out)], cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, "-c", CONVERT, str(src), str(out), "F16"], cwd=ROOT, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stderr
     stats = json.loads(p.stdout.strip().splitlines()[-1])

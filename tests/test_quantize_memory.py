@@ -19,7 +19,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -94,29 +93,7 @@ def big_checkpoint(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
-QUANTIZE = textwrap.dedent("""
-    import json, os, resource, sys, time
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            import quantize
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            t0 = time.perf_counter()
-            result = quantize.convert(sys.argv[1], out=sys.argv[2], out_type=sys.argv[3])
-            print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "import_kib": base,
-                              "seconds": time.perf_counter() - t0, "written": result.written,
-                              "total_bytes": result.total_bytes}))
-            status = 0
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-""")
+from test_memory import CONVERT as QUANTIZE  # the forked, rusage-clean converter run; argv: src out type
 
 
 @pytest.mark.slow
