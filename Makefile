@@ -72,3 +72,10 @@ bench-eval: install
 
 # All benchmarks; bench-eval last, so that its README collects the others' results.
 bench: bench-quantize bench-chat bench-eval
+
+# `ms4local serve` under 1, 4 and 8 concurrent streaming clients, --parallel 1 and 8, on a generated
+# GGUF (a few minutes on 2 cores). Writes bench/results/server.md.
+.PHONY: bench-server
+
+bench-server: install
+	$(PY) bench/server_bench.py

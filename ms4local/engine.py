@@ -172,6 +172,9 @@ class EngineOptions:
     mmproj: str | None = None
     no_mmproj: bool = False
     image_max_tokens: int = DEFAULT_MAX_TOKENS
+    # Sequences in the context (`serve --parallel N`): N conversations decode together in one batch,
+    # each in its own KV cells of ctx_size/N tokens, as llama-server splits them (see `Slots`).
+    parallel: int = 1
 
     @property
     def manual_placement(self) -> bool:
@@ -201,6 +204,11 @@ class EngineOptions:
             raise OptionsError("--vram must be a positive size such as 24G")
         if self.image_max_tokens < 1:
             raise OptionsError(f"--image-max-tokens must be at least 1, got {self.image_max_tokens}")
+        if not 1 <= self.parallel <= 256:  # llama.cpp's LLAMA_MAX_SEQ
+            raise OptionsError(f"--parallel must be between 1 and 256, got {self.parallel}")
+        if self.ctx_size // self.parallel < 16:
+            raise OptionsError(f"-c/--ctx-size {self.ctx_size} split over --parallel {self.parallel} leaves "
+                               f"{self.ctx_size // self.parallel} tokens per conversation; raise -c")
         if self.mmproj is not None and self.no_mmproj:
             raise OptionsError("--mmproj and --no-mmproj contradict each other; pass one of them")
         if self.fit and self.manual_placement:
@@ -256,6 +264,9 @@ class Sampling:
     repeat_penalty: float = 1.0
     max_tokens: int = 512
     seed: int | None = None  # None: random
+    # GBNF the output must match (llama.cpp's grammar syntax; `<[ID]>` is one token by id, as the
+    # server uses for [TOOL_CALLS]/[ARGS]); None: unconstrained. See `json_grammar`.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -697,6 +708,7 @@ class Engine:
         cparams.type_v = KV_TYPES[opts.type_v]
         cparams.flash_attn_type = FLASH_ATTN[opts.flash_attn]
         cparams.no_perf = False  # llama.cpp's own token counters back `perf()`
+        cparams.n_seq_max = opts.parallel  # kv_unified stays off: each sequence owns n_ctx/parallel cells
         mark = log_mark()
         self.ctx = L.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -1212,6 +1224,14 @@ class Engine:
     def _sampler(self, s: Sampling) -> Any:
         L = llama()
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if s.grammar:
+            # First in the chain: the later samplers then only ever see tokens the grammar allows.
+            mark = log_mark()
+            grammar = L.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf-8"), b"root")
+            if not grammar:
+                L.llama_sampler_free(chain)
+                raise PromptError(f"llama.cpp cannot parse the grammar: {_last_error(mark)[:300]}")
+            L.llama_sampler_chain_add(chain, grammar)
         if s.repeat_penalty != 1.0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(64, s.repeat_penalty, 0.0, 0.0))
         if s.temperature <= 0:
@@ -1409,3 +1429,313 @@ class Engine:
             self.close()
         except Exception:
             pass
+
+
+# ----------------------------------------------------------------------------- serving: grammars, batched slots
+def json_grammar(schemas: dict[str, Any]) -> str:
+    """GBNF with one rule per entry of `schemas` (rule name → JSON schema), each matching the JSON
+    values the schema allows, plus the helper rules they share. The caller writes `root`.
+
+    llama-cpp-python's copy of llama.cpp's schema converter does the work, so a schema means here
+    what it means to llama-server. It signals unsupported schemas with asserts, ValueErrors and
+    KeyErrors alike (and recursion for self-referencing ones), so every failure becomes one
+    PromptError naming the schema as the cause.
+    """
+    llama()
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    conv = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    for name, schema in schemas.items():
+        try:
+            conv.visit(conv.resolve_refs(schema, "request"), name)
+        except RecursionError:
+            raise PromptError("the JSON schema nests or refers to itself too deeply to become a grammar") from None
+        except Exception as e:  # the converter's own checks; see the docstring
+            raise PromptError(f"the JSON schema cannot be turned into a grammar: {e or type(e).__name__}") from None
+    return conv.format_grammar()
+
+
+@dataclass
+class _Run:
+    """One generation in a slot: what is left to evaluate, and the decoding state of `generate`."""
+
+    seq: int
+    prompt: list[int]
+    todo: list[int]
+    sampling: Sampling
+    chain: Any
+    raw: bool
+    cached: int
+    t0: float
+    decoder: Any = None
+    parser: StreamParser | None = None
+    calls: list[ToolCall] = field(default_factory=list)
+    pending: int | None = None  # the sampled id, evaluated in the next step
+    produced: int = 0
+    unclosed: bool = False
+    t_prompt: float | None = None
+    ttft: float | None = None
+    t_dec: float = 0.0
+
+
+class Slots:
+    """N conversations decoding together in one llama context: llama.cpp sequences 0..N-1.
+
+    The engine's context must have been made with `EngineOptions(parallel=N)`; from then on the
+    slots own its KV cache (`Engine.generate`/`chat` must not run beside them). Each `step` is one
+    `llama_decode` that carries the next token of every slot that is decoding and, in the room left
+    in the batch, the next chunk of prompts being read, so a long prompt never stalls the others.
+    Each slot keeps the ids its cells hold; a new run in a slot keeps the longest common prefix
+    (trimmed with `llama_memory_seq_rm`: an MLA cache cannot be shifted, only cut at the end) and
+    `best_slot` picks the free slot that reuses most. Not thread-safe: one thread drives it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        L = llama()
+        if engine.ctx is None:
+            raise ContextError("the engine has no context (loaded with vocab_only?)")
+        self.engine = engine
+        self.n = int(L.llama_n_seq_max(engine.ctx))
+        self.n_ctx = int(L.llama_n_ctx_seq(engine.ctx))  # cells per sequence
+        self.cached: list[list[int]] = [[] for _ in range(self.n)]
+        self.runs: dict[int, _Run] = {}
+        self._last_used = [0.0] * self.n
+        self._cap = max(engine.options.batch_size, self.n)
+        self._batch = L.llama_batch_init(self._cap, 0, 1)
+        self._embd_batch: Any = None
+        self.sampled = 0  # ids sampled by all slots since they were made (throughput metrics)
+        engine.reset()  # sequence 0's cells belong to the slots from now on
+
+    def close(self) -> None:
+        L = llama()
+        for seq in list(self.runs):
+            self.stop(seq)
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self._embd_batch is not None:
+            L.llama_batch_free(self._embd_batch)
+            self._embd_batch = None
+
+    # ------------------------------------------------------------------ admission
+    def free(self) -> list[int]:
+        return [s for s in range(self.n) if s not in self.runs]
+
+    def best_slot(self, prompt: list[int]) -> int | None:
+        """The free slot whose cache shares the longest prefix with `prompt` (ties: least recently
+        used, so that a conversation's cache survives as long as possible); None when all are busy."""
+        free = self.free()
+        if not free:
+            return None
+        return max(free, key=lambda s: (self._common(s, prompt), -self._last_used[s]))
+
+    def _common(self, seq: int, prompt: list[int]) -> int:
+        cached = self.cached[seq]
+        limit = min(len(cached), len(prompt) - 1)  # the last prompt id is always evaluated again
+        keep = 0
+        while keep < limit and cached[keep] == prompt[keep]:
+            keep += 1
+        while 0 < keep < len(prompt) and prompt[keep] < 0 and _pseudo(prompt[keep])[1] > 0:
+            keep -= 1  # never keep part of an image: its embeddings are evaluated whole
+        return keep
+
+    def start(self, seq: int, prompt: list[int], sampling: Sampling, *, raw: bool = False) -> int:
+        """Begin a generation in free slot `seq`; returns how many prompt ids its cache reuses.
+
+        `raw`: the text as generated, control tokens as their text (completions); otherwise the
+        output goes through `StreamParser` as in `generate`. Raises ContextError when the prompt
+        leaves no room to answer in one slot, PromptError for a grammar llama.cpp refuses.
+        """
+        L = llama()
+        if seq in self.runs:
+            raise RuntimeError(f"slot {seq} is busy")
+        if not prompt:
+            raise PromptError("the prompt is empty")
+        if len(prompt) >= self.n_ctx:
+            raise ContextError(f"the prompt has {len(prompt)} tokens but a conversation holds at most {self.n_ctx}")
+        chain = self.engine._sampler(sampling)
+        keep = self._common(seq, prompt)
+        mem = L.llama_get_memory(self.engine.ctx)
+        if not L.llama_memory_seq_rm(mem, seq, keep, -1):
+            L.llama_memory_seq_rm(mem, seq, -1, -1)
+            keep = 0
+        del self.cached[seq][keep:]
+        run = _Run(seq=seq, prompt=prompt, todo=prompt[keep:], sampling=sampling, chain=chain, raw=raw,
+                   cached=keep, t0=time.perf_counter(),
+                   decoder=codecs.getincrementaldecoder("utf-8")("replace"),
+                   parser=None if raw else StreamParser(self.engine.tags))
+        self.runs[seq] = run
+        self._last_used[seq] = time.monotonic()
+        return keep
+
+    def end(self, seq: int, finish_reason: str) -> list[Event]:
+        """End the run in `seq` as finished (a stop string was seen): its last events and `Done`."""
+        run = self.runs.get(seq)
+        return [] if run is None else self._finish(run, finish_reason, [])
+
+    def stop(self, seq: int) -> None:
+        """End the run in `seq` now (a client went away); what its cells hold stays reusable."""
+        run = self.runs.pop(seq, None)
+        if run is not None:
+            llama().llama_sampler_free(run.chain)
+            self._last_used[seq] = time.monotonic()
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[tuple[int, Event]]:
+        """One decode for every busy slot; returns the events it produced as (slot, event), a
+        slot's last being its `Done` (the slot is then free). Raises ContextError if llama.cpp
+        fails the batch; the caller should then `stop` every run."""
+        L = llama()
+        out: list[tuple[int, Event]] = []
+        for run in list(self.runs.values()):  # images first, each in its own embedding batches
+            if run.todo and run.todo[0] < 0:
+                self._evaluate_image(run)
+        b = self._batch
+        entries: list[tuple[_Run, bool]] = []  # (run, samples here) per batch row
+        n = 0
+        for run in self.runs.values():
+            if run.pending is not None:
+                self._put(b, n, run.pending, len(self.cached[run.seq]), run.seq, True)
+                self.cached[run.seq].append(run.pending)
+                run.pending = None
+                entries.append((run, True))
+                n += 1
+        for run in self.runs.values():
+            if not run.todo or run.todo[0] < 0 or n >= self._cap:
+                continue
+            k = 0
+            while k < len(run.todo) and run.todo[k] >= 0 and n + k < self._cap:
+                k += 1
+            chunk, run.todo = run.todo[:k], run.todo[k:]
+            for i, tok in enumerate(chunk):
+                last = not run.todo and i == k - 1
+                self._put(b, n, tok, len(self.cached[run.seq]), run.seq, last)
+                self.cached[run.seq].append(tok)
+                entries.append((run, last))
+                n += 1
+        for run in list(self.runs.values()):  # a prompt that ended with an image samples without a row
+            if not run.todo and run.pending is None and run.t_prompt is None and not any(r is run for r, _ in entries):
+                raise ContextError("a prompt cannot end with an image")  # the template always closes the turn
+        if n == 0:
+            return out
+        b.n_tokens = n
+        mark = log_mark()
+        rc = L.llama_decode(self.engine.ctx, b)
+        if rc != 0:
+            for run, _ in entries:  # the cells of this batch are in an unknown state: forget them
+                self.cached[run.seq] = self.cached[run.seq][:0]
+                L.llama_memory_seq_rm(L.llama_get_memory(self.engine.ctx), run.seq, -1, -1)
+            raise ContextError(f"llama_decode failed (code {rc}): {_last_error(mark)}")
+        for i, (run, samples) in enumerate(entries):
+            if samples and run.seq in self.runs:
+                out += [(run.seq, ev) for ev in self._sample(run, i)]
+        return out
+
+    @staticmethod
+    def _put(b: Any, i: int, tok: int, pos: int, seq: int, logits: bool) -> None:
+        b.token[i] = tok
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+
+    def _evaluate_image(self, run: _Run) -> None:
+        """Evaluate the image that starts `run.todo` as embeddings in the run's sequence."""
+        L = llama()
+        e = self.engine
+        serial, offset = _pseudo(run.todo[0])
+        entry = e._image_serials.get(serial)
+        if entry is None or offset != 0 or run.todo[:entry.n_tokens] != entry.ids:
+            raise ContextError("the prompt holds image ids this engine did not make")
+        embd = np.ascontiguousarray(e._encode_image(entry), dtype=np.float32)
+        if self._embd_batch is None:
+            self._embd_batch = L.llama_batch_init(e.options.batch_size, e.n_embd, 1)
+        b = self._embd_batch
+        step = e.options.batch_size
+        start = len(self.cached[run.seq])
+        for off in range(0, len(embd), step):
+            part = embd[off:off + step]
+            b.n_tokens = len(part)
+            ctypes.memmove(b.embd, part.ctypes.data, part.nbytes)
+            for i in range(len(part)):
+                b.pos[i] = start + off + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = run.seq
+                b.logits[i] = False
+            mark = log_mark()
+            rc = L.llama_decode(e.ctx, b)
+            if rc != 0:
+                raise ContextError(f"llama_decode of image embeddings failed (code {rc}): {_last_error(mark)}")
+        self.cached[run.seq] += run.todo[:entry.n_tokens]
+        run.todo = run.todo[entry.n_tokens:]
+
+    def _sample(self, run: _Run, index: int) -> list[Event]:
+        """Sample the run's next id from batch row `index`; its events (and `Done` when it ends)."""
+        L = llama()
+        e = self.engine
+        now = time.perf_counter()
+        if run.t_prompt is None:
+            run.t_prompt = now - run.t0
+            run.t_dec = now
+        if run.produced >= run.sampling.max_tokens:
+            return self._finish(run, "length", [])
+        tok = L.llama_sampler_sample(run.chain, e.ctx, index)
+        run.produced += 1
+        self.sampled += 1
+        if run.ttft is None:
+            run.ttft = time.perf_counter() - run.t0
+        if L.llama_vocab_is_eog(e.vocab, tok):
+            return self._finish(run, "stop", [])
+        events: list[Event] = []
+        if run.raw:
+            text = run.decoder.decode(e.piece(tok))
+            if text:
+                events.append(Delta(text))
+        elif tok in e.tags.ids:
+            text = run.decoder.decode(b"", final=True)
+            if text:
+                events += self._events(run, run.parser.feed(text))
+            events += self._events(run, run.parser.feed(e.piece(tok).decode("utf-8", "replace"), token=tok))
+        else:
+            text = run.decoder.decode(e.piece(tok))
+            if text:
+                events += self._events(run, run.parser.feed(text, token=tok))
+        if run.produced >= run.sampling.max_tokens or len(self.cached[run.seq]) + 1 >= self.n_ctx:
+            return self._finish(run, "length", events)
+        run.pending = tok
+        return events
+
+    def _events(self, run: _Run, batch: list[StreamEvent]) -> list[Event]:
+        out: list[Event] = []
+        for ev in batch:
+            if isinstance(ev, ContentDelta):
+                out.append(Delta(ev.text))
+            elif isinstance(ev, ReasoningDelta):
+                out.append(Delta(ev.text, reasoning=True))
+            elif isinstance(ev, End):
+                run.unclosed = ev.unclosed_reasoning
+            else:
+                if isinstance(ev, ToolCall):
+                    run.calls.append(ev)
+                out.append(ev)
+        return out
+
+    def _finish(self, run: _Run, finish: str, events: list[Event]) -> list[Event]:
+        tail = run.decoder.decode(b"", final=True)
+        if run.raw:
+            if tail:
+                events.append(Delta(tail))
+        else:
+            if tail:
+                events += self._events(run, run.parser.feed(tail))
+            events += self._events(run, run.parser.finish())
+        now = time.perf_counter()
+        t_prompt = run.t_prompt if run.t_prompt is not None else now - run.t0
+        events.append(Done(
+            finish_reason="tool_calls" if run.calls and finish == "stop" else finish,
+            usage=Usage(prompt_tokens=len(run.prompt), completion_tokens=run.produced, cached_tokens=run.cached),
+            timings=Timings(len(run.prompt) - run.cached, t_prompt, run.ttft if run.ttft is not None else t_prompt,
+                            now - run.t_dec if run.t_dec else 0.0, run.produced),
+            unclosed_reasoning=run.unclosed, tool_calls=tuple(run.calls)))
+        self.stop(run.seq)
+        return events

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import chat, demo, doctor, eval, info, quantize, tokenize
+from . import chat, demo, doctor, eval, info, quantize, serve, tokenize
 
 app = typer.Typer(
     name="ms4local",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.command("quantize")(quantize.quantize)
 app.command("chat")(chat.chat)
+app.command("serve")(serve.serve)
 app.command("tokenize")(tokenize.tokenize)
 app.command("demo")(demo.demo)
 app.command("doctor")(doctor.doctor)

@@ -1,0 +1,94 @@
+"""`ms4local serve`: an OpenAI-compatible server (declares the options, hands off to ms4local.server)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quantize.units import parse_size
+
+from .. import ui
+from ..engine import Engine
+from . import options
+from .errors import fail, handle_errors
+
+
+@handle_errors
+def serve(
+    model: options.Model,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (a public one needs --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="MS4LOCAL_API_KEY", show_default=False,
+        help="Require 'Authorization: Bearer KEY' (also from $MS4LOCAL_API_KEY, which keeps it out of `ps`).")] = None,
+    alias: Annotated[Optional[str], typer.Option(
+        "--alias", show_default=False, help="Model id clients use (default: the file name without .gguf).")] = None,
+    parallel: Annotated[int, typer.Option(
+        "-np", "--parallel", help="Conversations decoded together in one batch; each gets ctx-size/N tokens.")] = 1,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", help="Requests that may wait for a slot; more get 429 with Retry-After.")] = 64,
+    max_body_size: Annotated[str, typer.Option(
+        "--max-body-size", metavar="SIZE", help="Largest request body (images come as data: URIs); more gets 413.")] = "32M",
+    allow_image_urls: Annotated[bool, typer.Option(
+        "--allow-image-urls", help="Fetch http(s):// image URLs (off: only data: URIs are read).")] = False,
+    allow_local_files: Annotated[bool, typer.Option(
+        "--allow-local-files", help="Read file:// image URLs from this machine's disk (off by default).")] = False,
+    reasoning_effort: Annotated[str, typer.Option(
+        "--reasoning-effort", help="Effort when a request names none: none or high.")] = "none",
+    max_tokens: Annotated[int, typer.Option(
+        "-n", "--max-tokens", help="Most tokens per answer when a request sets no max_tokens.")] = 2048,
+    temp: options.Temp = None,
+    top_p: options.TopP = 0.95,
+    top_k: options.TopK = 40,
+    min_p: options.MinP = 0.05,
+    repeat_penalty: options.RepeatPenalty = 1.0,
+    ctx_size: options.CtxSize = 4096,
+    threads: options.Threads = None,
+    batch_size: options.BatchSize = 512,
+    ubatch_size: options.UbatchSize = 512,
+    flash_attn: options.FlashAttn = "auto",
+    cache_type_k: options.CacheTypeK = "f16",
+    cache_type_v: options.CacheTypeV = "f16",
+    n_gpu_layers: options.NGpuLayers = None,
+    cpu_moe: options.CpuMoe = False,
+    n_cpu_moe: options.NCpuMoe = 0,
+    override_tensor: options.OverrideTensor = None,
+    fit: options.Fit = None,
+    vram: options.Vram = None,
+    mmproj: options.Mmproj = None,
+    no_mmproj: options.NoMmproj = False,
+    image_max_tokens: options.ImageMaxTokens = 1024,
+) -> None:
+    """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    try:
+        from ..server import ImagePolicy, ServerConfig, is_loopback
+        from ..server import serve as run
+    except ImportError as e:
+        raise fail(f"the server needs its extra dependencies ({e.name or e}): pip install 'ms4local[server]'") from None
+    if reasoning_effort not in ("none", "high"):
+        raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
+    if max_queue < 0 or max_tokens < 1 or not 0 < port < 65536:
+        raise fail("--max-queue must be 0 or more, -n at least 1 and --port within 1-65535", 2)
+    opts = options.engine_options(
+        ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
+        cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
+        n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
+        image_max_tokens=image_max_tokens)
+    opts = replace(opts, parallel=parallel)
+    opts.check()
+    if not Path(model).is_file():
+        raise fail(f"model file {model} does not exist", 1)
+    placement = options.resolve_placement(model, opts)
+    if not is_loopback(host) and not api_key:
+        ui.err.print(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
+                     "model", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    config = ServerConfig(
+        model_id=alias or Path(model).name.removesuffix(".gguf"), api_key=api_key or None,
+        reasoning_effort=reasoning_effort, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        repeat_penalty=repeat_penalty, max_tokens=max_tokens,
+        images=ImagePolicy(allow_urls=allow_image_urls, allow_local_files=allow_local_files),
+        max_body_bytes=parse_size(max_body_size))
+    run(lambda: Engine(model, opts, placement=placement), config, host=host, port=port, max_queue=max_queue)
