@@ -71,7 +71,7 @@ bench-eval: install
 	$(PY) bench/eval_bench.py $(EVAL_BENCH_ARGS)
 
 # All benchmarks; bench-eval last, so that its README collects the others' results.
-bench: bench-quantize bench-chat bench-eval
+bench: bench-quantize bench-chat bench-server bench-eval
 
 # `ms4local serve` under 1, 4 and 8 concurrent streaming clients, --parallel 1 and 8, on a generated
 # GGUF (a few minutes on 2 cores). Writes bench/results/server.md.

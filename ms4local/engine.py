@@ -267,6 +267,8 @@ class Sampling:
     # GBNF the output must match (llama.cpp's grammar syntax; `<[ID]>` is one token by id, as the
     # server uses for [TOOL_CALLS]/[ARGS]); None: unconstrained. See `json_grammar`.
     grammar: str | None = None
+    # OpenAI's logit_bias: (token id, bias added to its logit) pairs; -100 bans a token in practice.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1232,6 +1234,13 @@ class Engine:
                 L.llama_sampler_free(chain)
                 raise PromptError(f"llama.cpp cannot parse the grammar: {_last_error(mark)[:300]}")
             L.llama_sampler_chain_add(chain, grammar)
+        if s.logit_bias:
+            bad = [t for t, _ in s.logit_bias if not 0 <= t < self.n_vocab]
+            if bad:
+                L.llama_sampler_free(chain)
+                raise PromptError(f"logit_bias names token {bad[0]}, outside the vocabulary (0..{self.n_vocab - 1})")
+            biases = (L.llama_logit_bias * len(s.logit_bias))(*(L.llama_logit_bias(t, b) for t, b in s.logit_bias))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         if s.repeat_penalty != 1.0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(64, s.repeat_penalty, 0.0, 0.0))
         if s.temperature <= 0:

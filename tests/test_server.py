@@ -324,6 +324,28 @@ def test_tool_results_go_back_into_the_conversation(client):
     assert r.usage.prompt_tokens > 30
 
 
+def test_logit_bias_forces_and_bans_tokens(client, vocab):
+    """+100 on one token makes every sampled token that one (at temperature 1, so the bias and not
+    the model decides); -100 on the token greedy picks (every id with its text) makes greedy pick
+    another."""
+    token = next(t for t in range(300, vocab.n_vocab) if vocab.piece(t).decode("utf-8", "replace").isalpha()
+                 and len(vocab.piece(t)) >= 2)
+
+    def ask(bias: dict[int, int], **kw):
+        r = client.chat.completions.create(model="model-F32", messages=user("Répète"),
+                                           logit_bias={str(k): v for k, v in bias.items()}, **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason
+
+    assert ask({token: 100}, max_tokens=5, temperature=1) == (vocab.piece(token).decode() * 5, "length")
+    greedy, finish = ask({}, max_tokens=1, temperature=0)
+    if finish == "stop":  # greedy ends at once: ban the end
+        banned = [vocab.eos_id]
+    else:
+        banned = [t for t in range(vocab.n_vocab) if vocab.piece(t).decode("utf-8", "replace") == greedy]
+    assert banned
+    assert ask(dict.fromkeys(banned, -100), max_tokens=1, temperature=0) != (greedy, finish)
+
+
 def test_stop_strings_cut_the_answer(client):
     first = client.chat.completions.create(model="model-F32", messages=user("stop test"), max_tokens=16, temperature=0)
     text = first.choices[0].message.content
@@ -413,6 +435,9 @@ LONG = "mot " * 3000  # more than the 2048 tokens a slot holds (-c 4096, --paral
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_uri()}}]}]},
      400, "no_vision", "no vision projector"),
     ({"messages": user(LONG)}, 400, "context_length_exceeded", "tokens too many"),
+    ({"messages": user("hi"), "logit_bias": {"a": 1}}, 400, "invalid_value", "token ids"),
+    ({"messages": user("hi"), "logit_bias": {"5": 101}}, 400, "invalid_value", "[-100, 100]"),
+    ({"messages": user("hi"), "logit_bias": {"99999999": 1}}, 400, "invalid_prompt", "outside the vocabulary"),
     ({"messages": user("hi"), "model": "gpt-4o"}, 404, "model_not_found", "gpt-4o"),
 ])
 def test_errors_have_openai_shape_and_status(server, body, status, code, contains):

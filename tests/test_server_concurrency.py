@@ -15,12 +15,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from ms4local import Engine, EngineOptions
 from test_server import KEY, Server, assert_error, running, user
 
 
 @pytest.fixture(scope="module")
 def model(ckpt, gguf_file):
     return gguf_file(ckpt(), "F32")
+
+
+@pytest.fixture(scope="module")
+def endless(model):
+    """logit_bias that bans the end of text: a sampled answer of the random tiny model could
+    otherwise end early and free its slot before the test is done with it."""
+    with Engine(model, EngineOptions(vocab_only=True)) as e:
+        return {"logit_bias": {str(e.eos_id): -100}}
 
 
 def _stream(server: Server, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
@@ -59,9 +68,9 @@ def test_eight_clients_at_once_all_get_the_right_answer(model, parallel):
             assert _metric(s, "ms4local_decode_steps_total") < _metric(s, "ms4local_generated_tokens_total")
 
 
-def test_a_client_that_disconnects_frees_its_slot(model):
+def test_a_client_that_disconnects_frees_its_slot(model, endless):
     with running(model, "-c", "8192", "--parallel", "1") as s:
-        conn, resp = _stream(s, {"messages": user("Une très longue histoire"), "max_tokens": 8000, "temperature": 1})
+        conn, resp = _stream(s, {"messages": user("Une très longue histoire"), "max_tokens": 8000, "temperature": 1, **endless})
         for _ in range(3):
             resp.readline()
         assert s.get("/health")[2]["busy"] == 1
@@ -77,9 +86,9 @@ def test_a_client_that_disconnects_frees_its_slot(model):
         assert _metric(s, "ms4local_generated_tokens_total") < 4000
 
 
-def test_full_queue_answers_429_with_retry_after(model):
+def test_full_queue_answers_429_with_retry_after(model, endless):
     with running(model, "-c", "8192", "--parallel", "1", "--max-queue", "1") as s:
-        long = {"messages": user("occupé"), "max_tokens": 8000, "temperature": 1}
+        long = {"messages": user("occupé"), "max_tokens": 8000, "temperature": 1, **endless}
         first = _stream(s, long)  # has the slot
         waiting = threading.Thread(target=lambda: s.post("/v1/chat/completions", long, timeout=120), daemon=True)
         waiting.start()  # waits in the queue
@@ -93,10 +102,10 @@ def test_full_queue_answers_429_with_retry_after(model):
         first[0].close()
 
 
-def test_sigterm_drains_in_flight_streams(model):
+def test_sigterm_drains_in_flight_streams(model, endless):
     s = Server(model, "-c", "4096", "--parallel", "2")
     try:
-        conn, resp = _stream(s, {"messages": user("drain"), "max_tokens": 300, "temperature": 1})
+        conn, resp = _stream(s, {"messages": user("drain"), "max_tokens": 300, "temperature": 1, **endless})
         resp.readline()
         s.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)

@@ -288,7 +288,23 @@ def sampling_of(config: ServerConfig, body: ChatRequest | CompletionRequest, eff
             raise bad_request(f"{param} must be {what}", param, "invalid_value")
     seed = None if body.seed is None else body.seed & 0xFFFFFFFF
     return Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=penalty,
-                    max_tokens=n, seed=seed, grammar=grammar)
+                    max_tokens=n, seed=seed, grammar=grammar, logit_bias=logit_bias_of(body.logit_bias))
+
+
+def logit_bias_of(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}` with biases in [-100, 100]; ids beyond the vocabulary are
+    refused by the engine when the sampler is built (a 400 as well)."""
+    out = []
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias", "invalid_value") from None
+        if token < 0 or not -100 <= value <= 100:
+            raise bad_request(f"logit_bias must map token ids to biases in [-100, 100], got {key}: {value}",
+                              "logit_bias", "invalid_value")
+        out.append((token, float(value)))
+    return tuple(out)
 
 
 def stops_of(stop: str | list[str] | None) -> tuple[str, ...]:

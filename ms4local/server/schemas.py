@@ -100,6 +100,7 @@ class _Sampling(_Body):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[Any] = None
+    logit_bias: Optional[dict[str, float]] = None
 
 
 class ChatRequest(_Sampling):
