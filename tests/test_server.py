@@ -314,6 +314,23 @@ def test_tool_calls_are_parsed_and_streamed(client, choice):
         [(c.function.name, json.loads(c.function.arguments)) for c in calls]
 
 
+def test_tool_choice_none_shows_the_tools_but_allows_no_call(client, vocab):
+    """OpenAI's "none": the model is told about the tools (the prompt equals the one with tools)
+    but cannot call one, even when the request itself pushes [TOOL_CALLS] with logit_bias; "auto"
+    under the same push does start a call."""
+    messages = user("Quel temps à Nice ?")
+    calls_id = vocab.tokenize("[TOOL_CALLS]", parse_special=True)
+    assert len(calls_id) == 1
+    push = {str(calls_id[0]): 100}
+    kw = dict(model="model-F32", messages=messages, tools=[WEATHER], max_tokens=8, temperature=0, logit_bias=push)
+    auto = client.chat.completions.create(tool_choice="auto", **kw)
+    assert auto.choices[0].finish_reason == "tool_calls" or auto.choices[0].message.tool_calls
+    none = client.chat.completions.create(tool_choice="none", **kw)
+    assert none.usage.prompt_tokens == len(vocab.prompt_tokens(messages, tools=[WEATHER]))
+    assert not none.choices[0].message.tool_calls and none.choices[0].finish_reason != "tool_calls"
+    assert "[TOOL_CALLS]" not in (none.choices[0].message.content or "")
+
+
 def test_tool_results_go_back_into_the_conversation(client):
     messages = [*user("Quel temps à Paris ?"),
                 {"role": "assistant", "content": None, "tool_calls": [

@@ -16,7 +16,7 @@ import secrets
 import string
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -393,7 +393,8 @@ def grammar_of(engine: Engine, body: ChatRequest, effort: str) -> tuple[list[dic
     * `tool_choice` "required" or a named function: the answer is one or more tool calls,
       `[TOOL_CALLS]name[ARGS]{arguments valid against the tool's parameters}`, written with the
       vocabulary's control tokens (`<[id]>` in GBNF), as the model writes them unconstrained.
-    * Both JSON and tools with "auto": JSON or tool calls. "none": the tools are not shown at all.
+    * Both JSON and tools with "auto": JSON or tool calls. "none": the tools are shown (the prompt
+      is the one "auto" gives, so its cache is shared) and the caller bans [TOOL_CALLS].
     * At high effort the grammar starts with the [THINK]…[/THINK] block the model writes then.
     No grammar otherwise: the model is free, and the parser reads what it writes.
     """
@@ -401,11 +402,10 @@ def grammar_of(engine: Engine, body: ChatRequest, effort: str) -> tuple[list[dic
     choice = body.tool_choice
     if choice is not None and not tools and choice != "none":
         raise bad_request("tool_choice needs tools", "tool_choice", "invalid_value")
-    if choice == "none":
-        tools = None
     fmt = body.response_format
     want_json = fmt is not None and fmt.type != "text"
     forced = choice == "required" or (tools is not None and not isinstance(choice, (str, type(None))))
+    callable_tools = tools if choice != "none" else None
     if tools:
         for k, t in enumerate(tools):
             name = t.function.name
@@ -428,7 +428,7 @@ def grammar_of(engine: Engine, body: ChatRequest, effort: str) -> tuple[list[dic
         schemas["ms4-json"] = schema
         if not forced:
             body_alts.append("ms4-json")
-    if tools is not None and (forced or want_json):
+    if callable_tools is not None and (forced or want_json):
         if Tag.TOOL_CALLS not in ids or Tag.ARGS not in ids:
             raise bad_request("this model's vocabulary has no [TOOL_CALLS]/[ARGS] tokens, so tool calls cannot be "
                               "enforced", "tool_choice")
@@ -511,6 +511,10 @@ async def chat(config: ServerConfig, scheduler: Scheduler, body: ChatRequest, re
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     tools, grammar = grammar_of(engine, body, effort)
     sampling = sampling_of(config, body, effort, max_tokens, grammar)
+    if body.tool_choice == "none" and tools:  # the model knows the tools but cannot start a call
+        calls = {tok for tok, tag in engine.tags.ids.items() if tag == Tag.TOOL_CALLS}
+        kept = tuple((t, b) for t, b in sampling.logit_bias if t not in calls)
+        sampling = replace(sampling, logit_bias=kept + tuple((t, float("-inf")) for t in calls))
     stops = stops_of(body.stop)
     messages, n_images = await run_in_threadpool(messages_of, body.messages, config.images)
     if n_images and not engine.supports_images:
