@@ -941,8 +941,9 @@ class Engine:
         self.images_encoded += 1
         return embd
 
-    def _decode_embd(self, embd: np.ndarray, start_pos: int, want_all: bool, out: np.ndarray | None = None) -> None:
-        """Evaluate embedding rows (an image) at positions start_pos.. in batches."""
+    def _decode_embd(self, embd: np.ndarray, start_pos: int, want_all: bool, out: np.ndarray | None = None,
+                     seq: int = 0) -> None:
+        """Evaluate embedding rows (an image) at positions start_pos.. of sequence `seq` in batches."""
         L = llama()
         if self._embd_batch is None:
             self._embd_batch = L.llama_batch_init(self.options.batch_size, self.n_embd, 1)
@@ -956,7 +957,7 @@ class Engine:
             for i in range(len(part)):
                 b.pos[i] = start_pos + off + i
                 b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
+                b.seq_id[i][0] = seq
                 b.logits[i] = want_all
             mark = log_mark()
             rc = L.llama_decode(self.ctx, b)
@@ -1511,7 +1512,6 @@ class Slots:
         self._last_used = [0.0] * self.n
         self._cap = max(engine.options.batch_size, self.n)
         self._batch = L.llama_batch_init(self._cap, 0, 1)
-        self._embd_batch: Any = None
         self.sampled = 0  # ids sampled by all slots since they were made (throughput metrics)
         engine.reset()  # sequence 0's cells belong to the slots from now on
 
@@ -1522,9 +1522,6 @@ class Slots:
         if self._batch is not None:
             L.llama_batch_free(self._batch)
             self._batch = None
-        if self._embd_batch is not None:
-            L.llama_batch_free(self._embd_batch)
-            self._embd_batch = None
 
     # ------------------------------------------------------------------ admission
     def free(self) -> list[int]:
@@ -1650,31 +1647,12 @@ class Slots:
 
     def _evaluate_image(self, run: _Run) -> None:
         """Evaluate the image that starts `run.todo` as embeddings in the run's sequence."""
-        L = llama()
         e = self.engine
         serial, offset = _pseudo(run.todo[0])
         entry = e._image_serials.get(serial)
         if entry is None or offset != 0 or run.todo[:entry.n_tokens] != entry.ids:
             raise ContextError("the prompt holds image ids this engine did not make")
-        embd = np.ascontiguousarray(e._encode_image(entry), dtype=np.float32)
-        if self._embd_batch is None:
-            self._embd_batch = L.llama_batch_init(e.options.batch_size, e.n_embd, 1)
-        b = self._embd_batch
-        step = e.options.batch_size
-        start = len(self.cached[run.seq])
-        for off in range(0, len(embd), step):
-            part = embd[off:off + step]
-            b.n_tokens = len(part)
-            ctypes.memmove(b.embd, part.ctypes.data, part.nbytes)
-            for i in range(len(part)):
-                b.pos[i] = start + off + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = run.seq
-                b.logits[i] = False
-            mark = log_mark()
-            rc = L.llama_decode(e.ctx, b)
-            if rc != 0:
-                raise ContextError(f"llama_decode of image embeddings failed (code {rc}): {_last_error(mark)}")
+        e._decode_embd(e._encode_image(entry), len(self.cached[run.seq]), False, seq=run.seq)
         self.cached[run.seq] += run.todo[:entry.n_tokens]
         run.todo = run.todo[entry.n_tokens:]
 

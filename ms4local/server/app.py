@@ -482,6 +482,18 @@ async def _next(job: Job, request: Request | None, scheduler: Scheduler) -> Any:
                 raise APIError(499, "the client closed the request", code="client_closed") from None
 
 
+async def _events(job: Job, scheduler: Scheduler, request: Request | None = None) -> AsyncIterator[Any]:
+    """The job's events up to and including its `Done`; a `Failed` raises its APIError. Callers
+    cancel the job in their own `finally` (an abandoned async generator is closed only later)."""
+    while True:
+        item = await _next(job, request, scheduler)
+        if isinstance(item, Failed):
+            raise item.error
+        yield item
+        if isinstance(item, Done):
+            return
+
+
 async def _start(scheduler: Scheduler, job: Job, request: Request) -> Started:
     scheduler.submit(job)
     try:
@@ -542,10 +554,7 @@ async def _chat_whole(scheduler: Scheduler, job: Job, request: Request, model_id
     content: list[str] = []
     reasoning: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
-    while True:
-        item = await _next(job, request, scheduler)
-        if isinstance(item, Failed):
-            raise item.error
+    async for item in _events(job, scheduler, request):
         if isinstance(item, Delta):
             (reasoning if item.reasoning else content).append(item.text)
         elif isinstance(item, (ToolCall, MalformedToolCall)):
@@ -562,6 +571,7 @@ async def _chat_whole(scheduler: Scheduler, job: Job, request: Request, model_id
                     "choices": [{"index": 0, "message": message, "finish_reason": item.finish_reason,
                                  "logprobs": None}],
                     "usage": usage_of(item), "system_fingerprint": "ms4local"}
+    raise AssertionError("a job's events end with Done")
 
 
 async def _chat_stream(scheduler: Scheduler, job: Job, model_id: str, cid: str, created: int,
@@ -579,27 +589,25 @@ async def _chat_stream(scheduler: Scheduler, job: Job, model_id: str, cid: str, 
     ids: dict[int, str] = {}
     try:
         yield chunk({"role": "assistant", "content": ""})
-        while True:
-            item = await job.queue.get()
-            if isinstance(item, Failed):
-                yield json.dumps(item.error.body())
-                break
-            if isinstance(item, Delta):
-                yield chunk({"reasoning_content": item.text} if item.reasoning else {"content": item.text})
-            elif isinstance(item, ToolCallDelta):
-                if item.index not in ids:
-                    ids[item.index] = _call_id()
-                    yield chunk({"tool_calls": [{"index": item.index, "id": ids[item.index], "type": "function",
-                                                 "function": {"name": item.name, "arguments": item.arguments}}]})
-                elif item.arguments:
-                    yield chunk({"tool_calls": [{"index": item.index, "function": {"arguments": item.arguments}}]})
-            elif isinstance(item, Done):
-                yield chunk({}, item.finish_reason)
-                if include_usage:
-                    yield json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                      "model": model_id, "system_fingerprint": "ms4local", "choices": [],
-                                      "usage": usage_of(item)})
-                break
+        try:
+            async for item in _events(job, scheduler):
+                if isinstance(item, Delta):
+                    yield chunk({"reasoning_content": item.text} if item.reasoning else {"content": item.text})
+                elif isinstance(item, ToolCallDelta):
+                    if item.index not in ids:
+                        ids[item.index] = _call_id()
+                        yield chunk({"tool_calls": [{"index": item.index, "id": ids[item.index], "type": "function",
+                                                     "function": {"name": item.name, "arguments": item.arguments}}]})
+                    elif item.arguments:
+                        yield chunk({"tool_calls": [{"index": item.index, "function": {"arguments": item.arguments}}]})
+                elif isinstance(item, Done):
+                    yield chunk({}, item.finish_reason)
+                    if include_usage:
+                        yield json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                          "model": model_id, "system_fingerprint": "ms4local", "choices": [],
+                                          "usage": usage_of(item)})
+        except APIError as e:  # headers are sent: the error goes into the stream
+            yield json.dumps(e.body())
         yield "[DONE]"
     finally:
         scheduler.cancel(job)
@@ -637,18 +645,16 @@ async def complete(config: ServerConfig, scheduler: Scheduler, body: CompletionR
 
         async def gen() -> AsyncIterator[str]:
             try:
-                while True:
-                    item = await job.queue.get()
-                    if isinstance(item, Failed):
-                        yield json.dumps(item.error.body())
-                        break
-                    if isinstance(item, Delta):
-                        yield json.dumps(obj(item.text, None), ensure_ascii=False)
-                    elif isinstance(item, Done):
-                        yield json.dumps(obj("", item.finish_reason))
-                        if include_usage:
-                            yield json.dumps({**obj("", None), "choices": [], "usage": usage_of(item)})
-                        break
+                try:
+                    async for item in _events(job, scheduler):
+                        if isinstance(item, Delta):
+                            yield json.dumps(obj(item.text, None), ensure_ascii=False)
+                        elif isinstance(item, Done):
+                            yield json.dumps(obj("", item.finish_reason))
+                            if include_usage:
+                                yield json.dumps({**obj("", None), "choices": [], "usage": usage_of(item)})
+                except APIError as e:
+                    yield json.dumps(e.body())
                 yield "[DONE]"
             finally:
                 scheduler.cancel(job)
@@ -656,13 +662,11 @@ async def complete(config: ServerConfig, scheduler: Scheduler, body: CompletionR
         return EventSourceResponse(gen(), ping=15, send_timeout=30)
     try:
         parts: list[str] = []
-        while True:
-            item = await _next(job, request, scheduler)
-            if isinstance(item, Failed):
-                raise item.error
+        async for item in _events(job, scheduler, request):
             if isinstance(item, Delta):
                 parts.append(item.text)
             elif isinstance(item, Done):
                 return {**obj("".join(parts), item.finish_reason), "usage": usage_of(item)}
+        raise AssertionError("a job's events end with Done")
     finally:
         scheduler.cancel(job)
