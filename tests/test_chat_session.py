@@ -407,21 +407,28 @@ def test_stopped_turn_leaves_kv_cache_consistent(model):
     assert answer == expected
 
 
+def interrupt_third_token(engine, monkeypatch):
+    """Make the engine raise KeyboardInterrupt right after its third one-token llama_decode (the
+    worst moment: the cache already holds the token); returns the real decode to restore."""
+    real = engine._decode
+    count = {"n": 0}
+
+    def decode_then_interrupt(tokens, start, want_all):
+        real(tokens, start, want_all)
+        if len(tokens) == 1:
+            count["n"] += 1
+            if count["n"] == 3:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_decode", decode_then_interrupt)
+    return real
+
+
 def test_interrupt_inside_engine_then_next_turn_works(model, monkeypatch):
     """A KeyboardInterrupt right after a llama_decode (the worst moment) must not break the next turn."""
     with Engine(model, EngineOptions(ctx_size=1024, threads=1)) as engine:
-        real = engine._decode
-        count = {"n": 0}
-
-        def decode_then_interrupt(tokens, start, want_all):
-            real(tokens, start, want_all)
-            if len(tokens) == 1:
-                count["n"] += 1
-                if count["n"] == 3:
-                    raise KeyboardInterrupt
-
         s = ChatSession(engine, sampling=_greedy)
-        monkeypatch.setattr(engine, "_decode", decode_then_interrupt)
+        real = interrupt_third_token(engine, monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             run(s.send("Hello"))
         monkeypatch.setattr(engine, "_decode", real)
@@ -433,18 +440,8 @@ def test_interrupt_inside_engine_then_next_turn_works(model, monkeypatch):
 
 def test_engine_alone_survives_interrupt_after_decode(model, monkeypatch):
     with Engine(model, EngineOptions(ctx_size=1024, threads=1)) as engine:
-        real = engine._decode
-        count = {"n": 0}
-
-        def decode_then_interrupt(tokens, start, want_all):
-            real(tokens, start, want_all)
-            if len(tokens) == 1:
-                count["n"] += 1
-                if count["n"] == 3:
-                    raise KeyboardInterrupt
-
         messages = [{"role": "user", "content": "Hello"}]
-        monkeypatch.setattr(engine, "_decode", decode_then_interrupt)
+        real = interrupt_third_token(engine, monkeypatch)
         parts = []
         with pytest.raises(KeyboardInterrupt):
             for e in engine.chat(messages, _greedy("none")):
