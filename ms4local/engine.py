@@ -33,6 +33,7 @@ from typing import Any, Union
 import numpy as np
 
 from .errors import ContextError, ImageError, ModelLoadError, OptionsError, PromptError
+from .grammar import integer_bounds, integer_rule
 from .images import DEFAULT_MAX_TOKENS, REFERENCE_SIDE, image_parts, load_image, part_source, prepare_bytes, read_source
 from .placement import (CACHE_TYPES, DEFAULT_HEADROOM, EXPERTS_REGEX, ModelInfo, Plan, expert_overrides,
                         plan, read_model)
@@ -1452,14 +1453,29 @@ def json_grammar(schemas: dict[str, Any]) -> str:
     PromptError naming the schema as the cause.
     """
     llama()
-    from llama_cpp.llama_grammar import SchemaConverter
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
-    conv = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    class Converter(SchemaConverter):
+        """The converter, plus integer bounds (ms4local/grammar.py), which this copy ignores."""
+
+        def visit(self, schema: Any, name: str) -> str:
+            bounds = integer_bounds(schema) if isinstance(schema, dict) and schema.get("type") == "integer" \
+                and not {"$ref", "oneOf", "anyOf", "allOf", "const", "enum"} & set(schema) else None
+            if bounds is None:
+                return super().visit(schema, name)
+            rule = name + "-" if name in RESERVED_NAMES else name or "root"
+            return self._add_rule(rule, integer_rule(*bounds))
+
+    conv = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     for name, schema in schemas.items():
         try:
-            conv.visit(conv.resolve_refs(schema, "request"), name)
+            key = conv.visit(conv.resolve_refs(schema, "request"), name)
+            if key != name:  # a primitive schema gets the primitive's rule name: point `name` at it
+                conv._add_rule(name, key)
         except RecursionError:
             raise PromptError("the JSON schema nests or refers to itself too deeply to become a grammar") from None
+        except PromptError:
+            raise
         except Exception as e:  # the converter's own checks; see the docstring
             raise PromptError(f"the JSON schema cannot be turned into a grammar: {e or type(e).__name__}") from None
     return conv.format_grammar()

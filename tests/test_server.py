@@ -251,6 +251,24 @@ def test_json_schema_output_validates(client):
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
+BOUNDED = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3, "maximum": 7},
+                                            "m": {"type": "integer", "exclusiveMinimum": -4, "maximum": -1}},
+           "required": ["n", "m"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("schema", [BOUNDED, {"type": "integer", "minimum": 10, "maximum": 20}])
+def test_json_schema_integer_bounds_hold_when_sampling(client, schema):
+    """Sampled at temperature 1 (the random model would write any digits), every answer is within
+    the schema's bounds; a schema whose top level is not an object works too."""
+    for seed in range(4):
+        r = client.chat.completions.create(model="model-F32", messages=user("Un nombre ?"), max_tokens=60,
+                                           temperature=1, seed=seed,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "b", "schema": schema}})
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
 def test_json_object_output_is_an_object(client):
     r = client.chat.completions.create(model="model-F32", messages=user("JSON please"), max_tokens=200, temperature=0,
                                        response_format={"type": "json_object"})
