@@ -553,3 +553,54 @@ def test_image_as_data_uri(vision_model):
         status, _, err = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]})
         assert_error(status, err, 400, code="image_url_not_allowed")
+
+
+def test_image_urls_and_local_files_when_allowed(vision_model, tmp_path):
+    """With --allow-image-urls and --allow-local-files, an http:// image (from a loopback server in
+    this test) and a file:// image give the same prompt as the same picture sent as a data: URI;
+    a file over the 20 MiB limit and an unreachable URL are 400s."""
+    import http.server
+    import threading
+
+    uri = png_data_uri(84, seed=3)
+    png = base64.b64decode(uri.split(",", 1)[1])
+    (tmp_path / "cat.png").write_bytes(png)
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(21 * 2**20)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with running(vision_model, "-c", "2048", "--allow-image-urls", "--allow-local-files", key=None) as s:
+            c = s.client()
+
+            def ask(url: str):
+                msg = [{"role": "user", "content": [{"type": "text", "text": "Décris."},
+                                                    {"type": "image_url", "image_url": {"url": url}}]}]
+                return c.chat.completions.create(model="Tiny", messages=msg, max_tokens=3, temperature=0)
+
+            want = ask(uri)
+            for url in (f"http://127.0.0.1:{httpd.server_address[1]}/cat.png", (tmp_path / "cat.png").as_uri()):
+                got = ask(url)
+                assert got.usage.prompt_tokens == want.usage.prompt_tokens
+                # the same picture: the slot's cache holds its embeddings already
+                assert got.usage.prompt_tokens_details.cached_tokens == want.usage.prompt_tokens - 1
+                assert got.choices[0].message.content == want.choices[0].message.content
+            for url, code in (((tmp_path / "huge.png").as_uri(), "image_too_large"),
+                              ("http://127.0.0.1:9/cat.png", "invalid_image_url")):
+                status, _, err = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}}]}]})
+                assert_error(status, err, 400, code=code)
+    finally:
+        httpd.shutdown()

@@ -102,12 +102,14 @@ def test_full_queue_answers_429_with_retry_after(model, endless):
         first[0].close()
 
 
-def test_sigterm_drains_in_flight_streams(model, endless):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_in_flight_streams(model, endless, sig):
+    """SIGTERM and SIGINT (Ctrl-C) alike: no new work, the stream in flight runs to its end, exit 0."""
     s = Server(model, "-c", "4096", "--parallel", "2")
     try:
         conn, resp = _stream(s, {"messages": user("drain"), "max_tokens": 300, "temperature": 1, **endless})
         resp.readline()
-        s.proc.send_signal(signal.SIGTERM)
+        s.proc.send_signal(sig)
         time.sleep(0.2)
         try:  # no new work: uvicorn closed its socket, or (a kept-alive connection) 503
             status, _, body = s.get("/health")
