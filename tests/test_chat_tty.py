@@ -11,6 +11,7 @@ import io
 import json
 import re
 import subprocess
+import time
 
 import pexpect
 import pytest
@@ -48,6 +49,11 @@ def send(child, line):
 
 
 def leave_with(child, key):
+    if key == "\x03":
+        # The prompt is on screen a moment before Python's readline sits in select() on the
+        # terminal; a SIGINT in that gap is only noticed at the next keystroke (CPython's readline
+        # loop), so a key sent the instant the prompt shows can hang. A person is never that fast.
+        time.sleep(0.5)
     child.send(key)
     child.expect(pexpect.EOF)
     child.close()
