@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import subprocess
-import time
 
 import pexpect
 import pytest
@@ -35,8 +35,12 @@ def env(cli_env, tmp_path):
 
 
 def spawn(model, env, *args, timeout=30):
+    # As a shell starts a foreground job: SIGINT at its default. Run in the background of a
+    # non-interactive shell, pytest inherits SIGINT ignored, and so would the chat; Python then
+    # never raises KeyboardInterrupt at the prompt (answers are stopped by the chat's own handler).
     child = pexpect.spawn(str(BIN / "ms4local"), ["chat", str(model), "-t", "1", "--seed", "1", *map(str, args)],
-                          env=env, encoding="utf-8", timeout=timeout, dimensions=(40, 200))
+                          env=env, encoding="utf-8", timeout=timeout, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect(PROMPT)
     return child
 
@@ -49,11 +53,6 @@ def send(child, line):
 
 
 def leave_with(child, key):
-    if key == "\x03":
-        # The prompt is on screen a moment before Python's readline sits in select() on the
-        # terminal; a SIGINT in that gap is only noticed at the next keystroke (CPython's readline
-        # loop), so a key sent the instant the prompt shows can hang. A person is never that fast.
-        time.sleep(0.5)
     child.send(key)
     child.expect(pexpect.EOF)
     child.close()

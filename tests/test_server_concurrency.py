@@ -81,7 +81,7 @@ def test_a_client_that_disconnects_frees_its_slot(model, endless):
         assert s.get("/health")[2]["busy"] == 0
         t = time.monotonic()
         r = s.client().chat.completions.create(model="model-F32", messages=user("suivant"), max_tokens=4)
-        assert r.choices[0].message is not None and time.monotonic() - t < 2.0  # not behind 8000 tokens
+        assert r.choices[0].message is not None and time.monotonic() - t < 10.0  # not behind 8000 tokens (~50 s)
         assert _metric(s, "ms4local_requests_cancelled_total") == 1
         assert _metric(s, "ms4local_generated_tokens_total") < 4000
 
