@@ -1277,29 +1277,11 @@ class Engine:
         self._evaluate(todo, cached)
         t_prompt = time.perf_counter() - t0
         chain = self._sampler(s)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        parser = StreamParser(self.tags)
-        calls: list[ToolCall] = []
-        unclosed = False
+        text = _TokenText(self)
         produced = 0
         finish = "length"
         ttft = None
         t_dec = time.perf_counter()
-
-        def events(batch: list[StreamEvent]) -> Iterator[Event]:
-            nonlocal unclosed
-            for ev in batch:
-                if isinstance(ev, ContentDelta):
-                    yield Delta(ev.text)
-                elif isinstance(ev, ReasoningDelta):
-                    yield Delta(ev.text, reasoning=True)
-                elif isinstance(ev, End):
-                    unclosed = ev.unclosed_reasoning
-                else:
-                    if isinstance(ev, ToolCall):
-                        calls.append(ev)
-                    yield ev
-
         try:
             while produced < s.max_tokens and len(self._state.tokens) < self.n_ctx:
                 tok = L.llama_sampler_sample(chain, self.ctx, -1)
@@ -1309,30 +1291,19 @@ class Engine:
                 if L.llama_vocab_is_eog(self.vocab, tok):
                     finish = "stop"
                     break
-                if tok in self.tags.ids:
-                    text = decoder.decode(b"", final=True)
-                    if text:
-                        yield from events(parser.feed(text))
-                    yield from events(parser.feed(self.piece(tok).decode("utf-8", "replace"), token=tok))
-                else:
-                    text = decoder.decode(self.piece(tok))
-                    if text:
-                        yield from events(parser.feed(text, token=tok))
+                yield from text.feed(tok)
                 self._decode([tok], len(self._state.tokens), want_all=False)
                 self._state.tokens.append(tok)
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                yield from events(parser.feed(tail))
-            yield from events(parser.finish())
+            yield from text.finish()
         finally:
             L.llama_sampler_free(chain)
         decode_s = time.perf_counter() - t_dec
         yield Done(
-            finish_reason="tool_calls" if calls and finish == "stop" else finish,
+            finish_reason=text.finish_reason(finish),
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=produced, cached_tokens=cached),
             timings=Timings(len(todo), t_prompt, ttft if ttft is not None else t_prompt, decode_s, produced),
-            unclosed_reasoning=unclosed,
-            tool_calls=tuple(calls),
+            unclosed_reasoning=text.unclosed,
+            tool_calls=tuple(text.calls),
         )
 
     def chat(self, messages: list[dict[str, Any]], sampling: Sampling | None = None, *,
@@ -1481,24 +1452,71 @@ def json_grammar(schemas: dict[str, Any]) -> str:
     return conv.format_grammar()
 
 
+class _TokenText:
+    """Generated ids → events, for `Engine.generate` and for each `Slots` run: UTF-8 decoded
+    across token boundaries, then (unless `raw`) `StreamParser` in token mode, so that only the
+    vocabulary's control tokens are tags and text that merely reads "[THINK]" stays text. `raw`
+    (completions) gives the text as generated, control tokens as their text."""
+
+    def __init__(self, engine: Engine, raw: bool = False) -> None:
+        self.engine = engine
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.parser = None if raw else StreamParser(engine.tags)
+        self.calls: list[ToolCall] = []
+        self.unclosed = False
+
+    def feed(self, tok: int) -> list[Event]:
+        piece = self.engine.piece(tok)
+        if self.parser is None:
+            text = self.decoder.decode(piece)
+            return [Delta(text)] if text else []
+        if tok in self.engine.tags.ids:  # a tag: flush the text before it, then the tag itself
+            text = self.decoder.decode(b"", final=True)
+            out = self._events(self.parser.feed(text)) if text else []
+            return out + self._events(self.parser.feed(piece.decode("utf-8", "replace"), token=tok))
+        text = self.decoder.decode(piece)
+        return self._events(self.parser.feed(text, token=tok)) if text else []
+
+    def finish(self) -> list[Event]:
+        tail = self.decoder.decode(b"", final=True)
+        if self.parser is None:
+            return [Delta(tail)] if tail else []
+        out = self._events(self.parser.feed(tail)) if tail else []
+        return out + self._events(self.parser.finish())
+
+    def finish_reason(self, finish: str) -> str:
+        return "tool_calls" if self.calls and finish == "stop" else finish
+
+    def _events(self, batch: list[StreamEvent]) -> list[Event]:
+        out: list[Event] = []
+        for ev in batch:
+            if isinstance(ev, ContentDelta):
+                out.append(Delta(ev.text))
+            elif isinstance(ev, ReasoningDelta):
+                out.append(Delta(ev.text, reasoning=True))
+            elif isinstance(ev, End):
+                self.unclosed = ev.unclosed_reasoning
+            else:
+                if isinstance(ev, ToolCall):
+                    self.calls.append(ev)
+                out.append(ev)
+        return out
+
+
 @dataclass
 class _Run:
-    """One generation in a slot: what is left to evaluate, and the decoding state of `generate`."""
+    """One generation in a slot: what is left to evaluate, and its decoding state."""
 
     seq: int
     prompt: list[int]
     todo: list[int]
     sampling: Sampling
     chain: Any
-    raw: bool
+    text: _TokenText
     cached: int
     t0: float
-    decoder: Any = None
-    parser: StreamParser | None = None
-    calls: list[ToolCall] = field(default_factory=list)
     pending: int | None = None  # the sampled id, evaluated in the next step
     produced: int = 0
-    unclosed: bool = False
     t_prompt: float | None = None
     ttft: float | None = None
     t_dec: float = 0.0
@@ -1582,10 +1600,8 @@ class Slots:
             L.llama_memory_seq_rm(mem, seq, -1, -1)
             keep = 0
         del self.cached[seq][keep:]
-        run = _Run(seq=seq, prompt=prompt, todo=prompt[keep:], sampling=sampling, chain=chain, raw=raw,
-                   cached=keep, t0=time.perf_counter(),
-                   decoder=codecs.getincrementaldecoder("utf-8")("replace"),
-                   parser=None if raw else StreamParser(self.engine.tags))
+        run = _Run(seq=seq, prompt=prompt, todo=prompt[keep:], sampling=sampling, chain=chain,
+                   text=_TokenText(self.engine, raw), cached=keep, t0=time.perf_counter())
         self.runs[seq] = run
         self._last_used[seq] = time.monotonic()
         return keep
@@ -1689,56 +1705,21 @@ class Slots:
             run.ttft = time.perf_counter() - run.t0
         if L.llama_vocab_is_eog(e.vocab, tok):
             return self._finish(run, "stop", [])
-        events: list[Event] = []
-        if run.raw:
-            text = run.decoder.decode(e.piece(tok))
-            if text:
-                events.append(Delta(text))
-        elif tok in e.tags.ids:
-            text = run.decoder.decode(b"", final=True)
-            if text:
-                events += self._events(run, run.parser.feed(text))
-            events += self._events(run, run.parser.feed(e.piece(tok).decode("utf-8", "replace"), token=tok))
-        else:
-            text = run.decoder.decode(e.piece(tok))
-            if text:
-                events += self._events(run, run.parser.feed(text, token=tok))
+        events = run.text.feed(tok)
         if run.produced >= run.sampling.max_tokens or len(self.cached[run.seq]) + 1 >= self.n_ctx:
             return self._finish(run, "length", events)
         run.pending = tok
         return events
 
-    def _events(self, run: _Run, batch: list[StreamEvent]) -> list[Event]:
-        out: list[Event] = []
-        for ev in batch:
-            if isinstance(ev, ContentDelta):
-                out.append(Delta(ev.text))
-            elif isinstance(ev, ReasoningDelta):
-                out.append(Delta(ev.text, reasoning=True))
-            elif isinstance(ev, End):
-                run.unclosed = ev.unclosed_reasoning
-            else:
-                if isinstance(ev, ToolCall):
-                    run.calls.append(ev)
-                out.append(ev)
-        return out
-
     def _finish(self, run: _Run, finish: str, events: list[Event]) -> list[Event]:
-        tail = run.decoder.decode(b"", final=True)
-        if run.raw:
-            if tail:
-                events.append(Delta(tail))
-        else:
-            if tail:
-                events += self._events(run, run.parser.feed(tail))
-            events += self._events(run, run.parser.finish())
+        events += run.text.finish()
         now = time.perf_counter()
         t_prompt = run.t_prompt if run.t_prompt is not None else now - run.t0
         events.append(Done(
-            finish_reason="tool_calls" if run.calls and finish == "stop" else finish,
+            finish_reason=run.text.finish_reason(finish),
             usage=Usage(prompt_tokens=len(run.prompt), completion_tokens=run.produced, cached_tokens=run.cached),
             timings=Timings(len(run.prompt) - run.cached, t_prompt, run.ttft if run.ttft is not None else t_prompt,
                             now - run.t_dec if run.t_dec else 0.0, run.produced),
-            unclosed_reasoning=run.unclosed, tool_calls=tuple(run.calls)))
+            unclosed_reasoning=run.text.unclosed, tool_calls=tuple(run.text.calls)))
         self.stop(run.seq)
         return events
