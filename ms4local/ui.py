@@ -32,28 +32,35 @@ def human_bytes(n: float) -> str:
 
 
 @contextmanager
-def byte_progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
-    """A rich bar over bytes with throughput and ETA; yields the callback the library calls.
-
-    The bar appears on the first callback, so a run that fails its checks prints only its error.
-    """
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("[dim]{task.fields[tensor]}"))
-    progress = Progress(*columns, console=err, transient=False)
+def lazy_progress(description: str, columns: tuple[Any, ...], *, transient: bool = False,
+                  **fields: Any) -> Iterator[Callable[..., None]]:
+    """A rich bar that appears on the first update, so a run that fails its checks prints only its
+    error; yields `update(done, total, **fields)`. `fields` are the initial values of the columns'
+    `task.fields`."""
+    progress = Progress(*columns, console=err, transient=transient)
     task = None
 
-    def update(done: int, total: int, tensor: str) -> None:
+    def update(done: int, total: int, **values: Any) -> None:
         nonlocal task
         if task is None:
             progress.start()
-            task = progress.add_task(description, total=total, tensor="")
-        progress.update(task, completed=done, total=total, tensor=tensor)
+            task = progress.add_task(description, total=total, **fields)
+        progress.update(task, completed=done, total=total, **values)
 
     try:
         yield update
     finally:
         if task is not None:
             progress.stop()
+
+
+@contextmanager
+def byte_progress(description: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A bar over bytes with throughput and ETA; yields the callback the library calls."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("[dim]{task.fields[tensor]}"))
+    with lazy_progress(description, columns, tensor="") as update:
+        yield lambda done, total, tensor: update(done, total, tensor=tensor)
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .. import ui
@@ -36,21 +36,8 @@ def eval_progress(description: str) -> Iterator[Callable[[int, int, float], None
     """A rich bar over chunks with the running perplexity; yields the callback `evaluate` calls."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
                TimeRemainingColumn(), TextColumn("[dim]PPL {task.fields[ppl]}"))
-    progress = Progress(*columns, console=ui.err, transient=True)
-    task = None
-
-    def update(done: int, total: int, ppl: float) -> None:
-        nonlocal task
-        if task is None:
-            progress.start()
-            task = progress.add_task(description, total=total, ppl="…")
-        progress.update(task, completed=done, total=total, ppl=f"{ppl:.4g}")
-
-    try:
-        yield update
-    finally:
-        if task is not None:
-            progress.stop()
+    with ui.lazy_progress(description, columns, transient=True, ppl="…") as update:
+        yield lambda done, total, ppl: update(done, total, ppl=f"{ppl:.4g}")
 
 
 def result_table(r: EvalResult, *, size: int | None = None) -> Table:

@@ -24,8 +24,8 @@ __all__ = ["ImagePolicy", "Scheduler", "ServerConfig", "create_app", "is_loopbac
 
 def is_loopback(host: str) -> bool:
     """Whether binding `host` keeps the server on this machine."""
-    if host in ("localhost", ""):
-        return host == "localhost"
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:

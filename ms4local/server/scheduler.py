@@ -122,8 +122,7 @@ class Metrics:
         recent = [(t, n) for t, n in list(self._window) if now - t <= 10.0]
         if not recent:
             return 0.0
-        span = max(now - recent[0][0], 1e-3)
-        return sum(n for _, n in recent) / max(span, 1.0)
+        return sum(n for _, n in recent) / max(now - recent[0][0], 1.0)
 
 
 class QueueFull(Exception):
