@@ -472,7 +472,10 @@ def usage_of(done: Done) -> dict[str, Any]:
 
 
 async def _next(job: Job, request: Request | None, scheduler: Scheduler) -> Any:
-    """The job's next item; a client that went away meanwhile cancels the job (APIError 499)."""
+    """The job's next item; a client that went away meanwhile cancels the job (APIError 499).
+    Without `request` (SSE streams: sse-starlette cancels the generator itself) no polling."""
+    if request is None:
+        return await job.queue.get()
     while True:
         try:
             return await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
