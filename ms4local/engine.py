@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -32,12 +33,13 @@ from typing import Any, Union
 
 import numpy as np
 
-from .errors import ContextError, ImageError, ModelLoadError, OptionsError, PromptError
+from .errors import ContextError, ImageError, ModelLoadError, Ms4localNotice, OptionsError, PromptError
 from .grammar import integer_bounds, integer_rule
 from .images import DEFAULT_MAX_TOKENS, REFERENCE_SIDE, image_parts, load_image, part_source, prepare_bytes, read_source
 from .placement import (CACHE_TYPES, DEFAULT_HEADROOM, EXPERTS_REGEX, ModelInfo, Plan, expert_overrides,
-                        plan, read_model)
+                        plan, read_model, read_vocab)
 from .prompt import image_order, render, render_marked
+from .tokenizer import NotTekken, SpecialTokens, Tokenizer, check_text, llama_safe_segments
 from .stream import (ContentDelta, End, MalformedToolCall, ReasoningDelta, StreamParser, Tags, ToolCall,
                      ToolCallDelta)
 from .stream import Event as StreamEvent
@@ -693,6 +695,7 @@ class Engine:
         self.metadata = self._read_metadata()
         self.eos_id = L.llama_vocab_eos(self.vocab)
         self.bos_id = L.llama_vocab_bos(self.vocab)
+        self.tokenizer = self._load_tokenizer()
         self.think_ids = (self._special_id("[THINK]"), self._special_id("[/THINK]"))
         # Output tags by id, looked up in this vocabulary (never hard-coded: spec §4.3).
         self.tags = Tags.from_ids(think=self.think_ids[0], think_end=self.think_ids[1],
@@ -1051,18 +1054,53 @@ class Engine:
         return bool(L.llama_vocab_get_attr(self.vocab, token) & L.LLAMA_TOKEN_ATTR_CONTROL)
 
     # ----------------------------------------------------------------------------- tokens
-    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
-        """llama.cpp's token ids for `text` with the model's vocabulary."""
+    def _load_tokenizer(self) -> Tokenizer | None:
+        """mistral-common's tekken tokenization built from this GGUF's vocabulary (ms4local/tokenizer.py),
+        or None, with one notice, when the vocabulary is not tekken: then llama.cpp's tokenizer is used."""
         L = llama()
-        data = text.encode("utf-8")
-        cap = len(data) + 16
-        buf = (L.llama_token * cap)()
-        n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        if n < 0:
-            cap = -n
+        try:
+            tokens, types = read_vocab(self.path)
+            if len(tokens) != self.n_vocab:
+                raise NotTekken(f"its header lists {len(tokens)} tokens but llama.cpp loaded {self.n_vocab}")
+            return Tokenizer(tokens, types, model=self.metadata.get("tokenizer.ggml.model", ""),
+                             pre=self.metadata.get("tokenizer.ggml.pre", ""), bos_id=self.bos_id, eos_id=self.eos_id,
+                             add_bos=bool(L.llama_vocab_get_add_bos(self.vocab)),
+                             add_eos=bool(L.llama_vocab_get_add_eos(self.vocab)))
+        except (NotTekken, ModelLoadError) as e:
+            notice = (f"{self.path.name}: {e}; its text is tokenized by llama.cpp, whose ids can differ from "
+                      "mistral-common's (text with combining marks)")
+            self.notices.append(notice)
+            warnings.warn(notice, Ms4localNotice, stacklevel=3)
+            return None
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """The model's token ids for `text`: mistral-common's tekken tokenization when the vocabulary
+        is tekken (`self.tokenizer`), else llama.cpp's (`llama_tokenize`). `add_special` adds BOS as
+        the vocabulary asks; `parse_special` reads control-token text ("[INST]") as the token.
+        PromptError for text that is not valid Unicode (a lone surrogate)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+        return self.llama_tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def llama_tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        """llama.cpp's own token ids for `text`, guarded: a stretch long enough to crash its regex
+        is cut first (tokenizer.llama_safe_segments), so only such a stretch can tokenize otherwise."""
+        L = llama()
+        check_text(text)
+        out = [self.bos_id] if add_special and L.llama_vocab_get_add_bos(self.vocab) else []
+        for part in llama_safe_segments(text):
+            data = part.encode("utf-8")
+            cap = len(data) + 16
             buf = (L.llama_token * cap)()
-            n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
-        return list(buf[:n])
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, False, parse_special)
+            if n < 0:
+                cap = -n
+                buf = (L.llama_token * cap)()
+                n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, False, parse_special)
+            out += buf[:n]
+        if add_special and L.llama_vocab_get_add_eos(self.vocab):
+            out.append(self.eos_id)
+        return out
 
     def piece(self, token: int, *, special: bool = True) -> bytes:
         """The bytes of one token (control tokens as their text when `special`); none for the
@@ -1167,9 +1205,7 @@ class Engine:
         text, ranges = render_marked(template, messages, reasoning_effort=reasoning_effort, tools=tools,
                                      bos_token=self.piece(self.bos_id).decode("utf-8", "replace"),
                                      eos_token=self.piece(self.eos_id).decode("utf-8", "replace"))
-        ids = self.tokenize(text, add_special=False, parse_special=True)
-        if ranges and any(self._special_re.search(text, a, b) for a, b in ranges):
-            ids = self._unspecial(text, ids, ranges)  # message text may hold control-token text
+        ids = self._template_tokens(text, ranges)
         parts = image_parts(messages)
         if not parts:
             return ids
@@ -1184,45 +1220,37 @@ class Engine:
                                  eos_token=self.piece(self.eos_id).decode("utf-8", "replace"))
 
     @property
-    def _special_re(self) -> re.Pattern[str]:
-        """Finds the text of any token llama.cpp matches as special (control or user-defined)."""
-        if self.__dict__.get("_special_pattern") is None:
+    def _specials(self) -> SpecialTokens:
+        """The texts of the tokens matched whole in text (control, user-defined), with their ids."""
+        if self.tokenizer is not None:
+            return self.tokenizer.specials
+        if self.__dict__.get("_llama_specials") is None:
             L = llama()
             mask = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
-            texts = {self.piece(t).decode("utf-8", "replace") for t in range(self.n_vocab)
-                     if L.llama_vocab_get_attr(self.vocab, t) & mask}
-            texts.discard("")
-            alternation = "|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))
-            self._special_pattern = re.compile(alternation or r"(?!)")
-        return self._special_pattern
+            texts: dict[str, int] = {}
+            for t in range(self.n_vocab):
+                if L.llama_vocab_get_attr(self.vocab, t) & mask:
+                    texts.setdefault(self.piece(t).decode("utf-8", "replace"), t)
+            self._llama_specials = SpecialTokens(texts)
+        return self._llama_specials
 
-    def _unspecial(self, text: str, ids: list[int], ranges: list[tuple[int, int]]) -> list[int]:
-        """Re-tokenize so that special tokens lying inside message text become plain text.
-
-        llama.cpp cuts the text at special tokens and tokenizes each piece between them on its
-        own; doing the same with the template's special tokens only gives its exact ids.
-        """
-        L = llama()
-        mask = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
-        data = text.encode("utf-8")
-        byte_ranges = [(len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))) for a, b in ranges]
-        pieces = [self.piece(t) for t in ids]
-        if b"".join(pieces) != data:
-            return ids  # cannot map tokens back to the text; keep llama.cpp's reading
+    def _template_tokens(self, text: str, ranges: list[tuple[int, int]]) -> list[int]:
+        """Ids of a rendered prompt: control tokens where the template wrote them, everything else
+        as plain text, including control-token text inside a message (`ranges`, character spans),
+        as mistral-common encodes each message's text."""
+        specials = self._specials
         out: list[int] = []
-        start = pos = 0  # the byte span of plain text waiting to be tokenized
-        for tok, p in zip(ids, pieces):
-            end = pos + len(p)
-            legit = (L.llama_vocab_get_attr(self.vocab, tok) & mask) and \
-                not any(a < end and pos < b for a, b in byte_ranges)
-            if legit:
-                if pos > start:
-                    out += self.tokenize(data[start:pos].decode("utf-8"), parse_special=False)
-                out.append(tok)
-                start = end
-            pos = end
-        if pos > start:
-            out += self.tokenize(data[start:pos].decode("utf-8"), parse_special=False)
+        pos = 0
+        for m in specials.finditer(text):
+            a, b = m.span()
+            if any(lo < b and a < hi for lo, hi in ranges):
+                continue  # typed in a message: stays text
+            if a > pos:
+                out += self.tokenize(text[pos:a], parse_special=False)
+            out.append(specials[m.group()])
+            pos = b
+        if pos < len(text):
+            out += self.tokenize(text[pos:], parse_special=False)
         return out
 
     def _sampler(self, s: Sampling) -> Any:

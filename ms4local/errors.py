@@ -34,3 +34,8 @@ class VocabMismatchError(EvalError):
 class ImageError(Ms4localError):
     """An image that cannot be used: missing, unreadable, empty, not an image, truncated, too small
     or too large, or an image sent to a model without its vision projector."""
+
+
+class Ms4localNotice(UserWarning):
+    """A remark the user should see once, not an error (e.g. a vocabulary tokenized by llama.cpp's
+    tokenizer); the CLI prints it as one `note:` line on stderr."""

@@ -197,6 +197,58 @@ def _read_one(path: Path) -> tuple[dict[str, object], list[TensorInfo]]:
             buf.close()
 
 
+def read_vocab(path: str | Path) -> tuple[list[str], list[int]]:
+    """The token texts and token types of a GGUF (`tokenizer.ggml.tokens` / `token_type`), by id.
+
+    `read_model` steps over these arrays; the tokenizer (ms4local/tokenizer.py) needs them whole.
+    They sit in the header of the first file of a split set. Texts are decoded as UTF-8 with
+    replacement, so a text that is not valid UTF-8 cannot pass for a byte-level token.
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ModelLoadError(f"cannot open {path}: {e.strerror or e}") from None
+    with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ModelLoadError(f"{path.name} is not a GGUF file")
+        c = _Cursor(buf, path)
+        c.pos = 16  # magic, version, tensor count
+        n_kv = int(c.unpack("<Q"))  # type: ignore[arg-type]
+        tokens: list[str] | None = None
+        types: list[int] | None = None
+        for _ in range(n_kv):
+            key = c.string()
+            vtype = int(c.unpack("<I"))  # type: ignore[arg-type]
+            wanted = {"tokenizer.ggml.tokens": _STRING, "tokenizer.ggml.token_type": 5}.get(key)  # 5: int32
+            if wanted is None:
+                c.value(vtype)
+                continue
+            if vtype != _ARRAY or c.unpack("<I") != wanted:
+                raise ModelLoadError(f"{path.name}: {key} is not an array of the expected type")
+            n = int(c.unpack("<Q"))  # type: ignore[arg-type]
+            if wanted == _STRING:
+                tokens, pos, unpack = [], c.pos, struct.unpack_from
+                try:
+                    for _ in range(n):
+                        size = unpack("<Q", buf, pos)[0]
+                        tokens.append(buf[pos + 8:pos + 8 + size].decode("utf-8", "replace"))
+                        pos += 8 + size
+                except struct.error:
+                    raise ModelLoadError(f"{path.name} is truncated inside its GGUF header") from None
+                c.pos = pos
+            else:
+                if c.pos + 4 * n > len(buf):
+                    raise ModelLoadError(f"{path.name} is truncated inside its GGUF header")
+                types = list(struct.unpack_from(f"<{n}i", buf, c.pos))
+                c.pos += 4 * n
+            if tokens is not None and types is not None:
+                break
+        if tokens is None or types is None or len(tokens) != len(types):
+            raise ModelLoadError(f"{path.name} has no complete vocabulary (tokenizer.ggml.tokens and token_type)")
+        return tokens, types
+
+
 _SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import typer
 
+from ..errors import Ms4localNotice
 from . import chat, demo, doctor, eval, info, quantize, serve, tokenize
+
+_show_warning = warnings.showwarning
+
+
+def _show_notice(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+    """The library's notices as one `note:` line on stderr; other warnings as Python shows them."""
+    if issubclass(category, Ms4localNotice):
+        print(f"note: {message}", file=sys.stderr, flush=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_notice
 
 app = typer.Typer(
     name="ms4local",
