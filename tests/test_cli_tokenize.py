@@ -13,6 +13,7 @@ import pytest
 from conftest import BIN
 
 from ms4local import Engine, EngineOptions
+from quantize.synth import TinySpec
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -113,3 +114,44 @@ def test_missing_or_bad_tools_file_is_one_line(model, files, tmp_path, cli_env):
 ])
 def test_usage_errors_exit_2(model, cli_env, tmp_path, args):
     one_line_error(run([model, *args], cli_env), 2)
+
+
+@pytest.mark.parametrize("word", ["a" * 30_000, "ab" * 15_000, "é" * 40_000], ids=["a30k", "ab15k", "e40k"])
+def test_crash_length_word_as_argument(model, cli_env, word):
+    p = run([model, word, "--json"], cli_env)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    data = json.loads(p.stdout)
+    assert data["ids"][0] == 1 and "".join(data["pieces"][1:]) == word
+
+
+def test_one_megabyte_word_from_a_file(model, cli_env, tmp_path):
+    (tmp_path / "w.txt").write_text("a" * 1_000_000)
+    p = run([model, "--file", tmp_path / "w.txt", "--json", "--no-bos"], cli_env)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    assert "".join(json.loads(p.stdout)["pieces"]) == "a" * 1_000_000
+
+
+def test_compare_llama_shows_the_combining_mark_difference(model, ckpt, gguf_file, cli_env):
+    full = gguf_file(ckpt(TinySpec(), tokenizer="tekken"), "F16")  # the real tekken vocabulary
+    p = run([full, "नमस्ते दुनिया", "--compare-llama", "--json"], cli_env)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    assert data["llama"]["differences"] and not data["llama"]["cut"]
+    assert data["ids"] != data["llama"]["ids"]
+    p = run([model, "plain English words", "--compare-llama"], cli_env)
+    assert p.returncode == 0 and "llama.cpp's tokenizer gives the same" in p.stdout, p.stdout + p.stderr
+    p = run([model, "x " + "z" * 30_000, "--compare-llama"], cli_env)  # llama.cpp gets it in parts, and says so
+    assert p.returncode == 0 and "long enough to crash llama.cpp" in " ".join(p.stderr.split()), p.stderr
+
+
+def test_lone_surrogate_in_a_file_is_one_line(model, cli_env, tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    assert "cannot read" in one_line_error(run([model, "--file", tmp_path / "bad.txt"], cli_env), 1)
+
+
+def test_chat_prompt_with_a_crash_length_word(model, cli_env):
+    p = subprocess.run([str(BIN / "ms4local"), "chat", str(model), "-c", "512", "-n", "2", "--prompt", "a" * 30_000],
+                       capture_output=True, text=True, env=cli_env, timeout=300)
+    assert p.returncode in (0, 1), (p.returncode, p.stderr[-2000:])  # never 139 (segfault)
+    if p.returncode == 1:
+        one_line_error(p, 1)

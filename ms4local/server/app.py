@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_session import default_sampling
 from ..engine import Delta, Done, Engine, Sampling, json_grammar
+from ..errors import Ms4localError
 from ..stream import MalformedToolCall, Tag, ToolCall, ToolCallDelta
 from . import errors as E
 from .errors import APIError, bad_request
@@ -509,6 +510,17 @@ async def _start(scheduler: Scheduler, job: Job, request: Request) -> Started:
     return first
 
 
+async def _tokenized(prompt: Callable[[Engine], list[int]], engine: Engine) -> Callable[[Engine], list[int]]:
+    """Tokenize in a worker thread (the tokenizer is thread-safe), so that a megabyte of text
+    does not hold the engine thread and the other clients' tokens; the scheduler then only checks
+    the ids against the context (a 400 when they overflow) before the job waits for a slot."""
+    try:
+        ids = await run_in_threadpool(prompt, engine)
+    except Ms4localError as e:
+        raise E.from_engine(e) from None
+    return lambda _e: ids
+
+
 def _ready(scheduler: Scheduler) -> Engine:
     if scheduler.state == "loading":
         raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
@@ -539,6 +551,8 @@ async def chat(config: ServerConfig, scheduler: Scheduler, body: ChatRequest, re
     def prompt(e: Engine) -> list[int]:
         return e.prompt_tokens(messages, reasoning_effort=effort, tools=tools)
 
+    if not n_images:  # images use the engine thread's cache; text alone is tokenized off it
+        prompt = await _tokenized(prompt, engine)
     job = Job(prompt=prompt, sampling=sampling, loop=asyncio.get_running_loop(), stop=stops)
     await _start(scheduler, job, request)
     cid, created = _completion_id("chatcmpl"), int(time.time())
@@ -635,6 +649,7 @@ async def complete(config: ServerConfig, scheduler: Scheduler, body: CompletionR
         # Raw text, read as llama-server reads it: BOS first, control-token text ("[INST]") as tokens.
         return e.tokenize(text, add_special=True, parse_special=True)
 
+    prompt = await _tokenized(prompt, _ready(scheduler))
     job = Job(prompt=prompt, sampling=sampling, loop=asyncio.get_running_loop(), stop=stops_of(body.stop), raw=True)
     await _start(scheduler, job, request)
     cid, created = _completion_id("cmpl"), int(time.time())
