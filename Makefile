@@ -71,7 +71,7 @@ bench-eval: install
 	$(PY) bench/eval_bench.py $(EVAL_BENCH_ARGS)
 
 # All benchmarks; bench-eval last, so that its README collects the others' results.
-bench: bench-quantize bench-chat bench-server bench-eval
+bench: bench-quantize bench-chat bench-server bench-tokenizer bench-eval
 
 # `ms4local serve` under 1, 4 and 8 concurrent streaming clients, --parallel 1 and 8, on a generated
 # GGUF (a few minutes on 2 cores). Writes bench/results/server.md.
@@ -79,3 +79,11 @@ bench: bench-quantize bench-chat bench-server bench-eval
 
 bench-server: install
 	$(PY) bench/server_bench.py
+
+# ms4local's own tekken tokenizer vs llama.cpp's llama_tokenize on 1 MB of mixed-script text, plus
+# the tokenizer's build time and 1 MB single words (a minute or two on 2 cores). Writes
+# bench/results/tokenizer.md.
+.PHONY: bench-tokenizer
+
+bench-tokenizer: install
+	$(PY) bench/tokenizer_bench.py

@@ -4,7 +4,7 @@ mistral-common is the reference: Mistral's own library turns a `ChatCompletionRe
 with `InstructTokenizerV15` (a v15 tekken file with a reasoning_effort model-settings builder).
 Our side is what runs before every generation: the chat template the converter wrote into a
 tiny GGUF (vocabulary = the same real tekken, as in test_tokenizer.py) rendered by
-ms4local.prompt and tokenized by llama.cpp (`Engine.prompt_tokens`). Expected ids always come
+ms4local.prompt and tokenized by the engine (`Engine.prompt_tokens`). Expected ids always come
 from mistral-common, never from our code.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import unicodedata
 
 import pytest
 from conftest import BIN
@@ -113,6 +114,17 @@ CASES = {
     "empty_system_prompt": {"messages": [{"role": "system", "content": ""}, user("x")]},
     "system_then_assistant": {"messages": [{"role": "system", "content": "s"}, assistant("a"), user("x")]},
     "unicode": {"messages": [{"role": "system", "content": "Réponds en français — «toujours»."}, user("Où est 東京? 👋 naïve")]},
+    # Scripts with combining marks (llama.cpp's own tokenizer splits them differently, spec §4.2).
+    "scripts_system_and_users": {"messages": [
+        {"role": "system", "content": "उत्तर हिंदी में दें। ตอบเป็นภาษาไทย"}, user("নমস্কার, কেমন আছেন? வணக்கம்!"),
+        assistant("Xin chào! Tôi khỏe. " + unicodedata.normalize("NFD", "Crème brûlée, 한국어")), user("धन्यवाद 🙏 123")]},
+    "scripts_tools_reasoning": {"tools": [WEATHER], "reasoning_effort": "high", "messages": [
+        {"role": "system", "content": unicodedata.normalize("NFD", "Réponds brièvement — ক্ষমা করবেন")},
+        user("मुंबई में मौसम?"),
+        assistant(None, reasoning_content="ต้องใช้เครื่องมือ get_weather สำหรับ मुंबई",
+                  tool_calls=[call("call00001", "get_weather", '{"city": "मुंबई"}')]),
+        tool("call00001", '{"temp": 31, "sky": "साफ़"}'), assistant("31 °C, साफ़ आसमान.", reasoning_content="சரி."),
+        user("def f(x):\n    return 'ñ' + \"e\\u0301\"  # தமிழ்")]},
     "everything": {"tools": [WEATHER, CLOCK], "reasoning_effort": "high", "messages": [
         {"role": "system", "content": "You are a weather bot."}, user("Paris?"),
         assistant(None, reasoning_content="Need the weather tool.",
