@@ -39,10 +39,10 @@ from .images import DEFAULT_MAX_TOKENS, REFERENCE_SIDE, image_parts, load_image,
 from .placement import (CACHE_TYPES, DEFAULT_HEADROOM, EXPERTS_REGEX, ModelInfo, Plan, expert_overrides,
                         plan, read_model, read_vocab)
 from .prompt import image_order, render, render_marked
-from .tokenizer import NotTekken, SpecialTokens, Tokenizer, check_text, llama_safe_segments
 from .stream import (ContentDelta, End, MalformedToolCall, ReasoningDelta, StreamParser, Tags, ToolCall,
                      ToolCallDelta)
 from .stream import Event as StreamEvent
+from .tokenizer import NotTekken, SpecialTokens, Tokenizer, check_text, llama_safe_segments
 
 _llama: Any = None
 _mtmd: Any = None
