@@ -9,15 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 
 import jsonschema
 import numpy as np
@@ -25,12 +18,11 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import BIN
 from ms4local import Engine, EngineOptions
 from ms4local.server import is_loopback
 from quantize import convert
 from quantize.synth import TinySpec
-from serving import KEY, Server, assert_error, running, user
+from serving import KEY, assert_error, running, user
 
 
 def png_data_uri(side: int = 56, seed: int = 0) -> str:

@@ -6,15 +6,15 @@ states do not leak between tests.
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serving import Server, assert_error, metric, running, stream, user
+from serving import KEY, Server, assert_error, metric, running, stream, user
 
 
 @pytest.mark.parametrize("parallel", ["1", "4"])
@@ -60,8 +60,9 @@ def test_full_queue_answers_429_with_retry_after(model, endless):
     with running(model, "-c", "8192", "--parallel", "1", "--max-queue", "1") as s:
         long = {"messages": user("occupé"), "max_tokens": 8000, "temperature": 1, **endless}
         first = stream(s, long)  # has the slot
-        waiting = threading.Thread(target=lambda: s.post("/v1/chat/completions", long, timeout=120), daemon=True)
-        waiting.start()  # waits in the queue
+        waiting = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)  # waits in the queue
+        waiting.request("POST", "/v1/chat/completions", json.dumps(long),
+                        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
         deadline = time.monotonic() + 5
         while s.get("/health")[2]["queue"] < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -69,6 +70,7 @@ def test_full_queue_answers_429_with_retry_after(model, endless):
         assert_error(status, err, 429, code="queue_full", contains="--max-queue 1")
         assert int({k.lower(): v for k, v in headers.items()}["retry-after"]) > 0
         assert metric(s, "ms4local_requests_rejected_queue_full_total") == 1
+        waiting.close()  # leaves the queue (else it would take the slot for 8000 tokens and delay the exit)
         first[0].close()
 
 
