@@ -34,7 +34,7 @@ from typing import Any, Union
 import numpy as np
 
 from .errors import ContextError, ImageError, ModelLoadError, Ms4localNotice, OptionsError, PromptError
-from .grammar import integer_bounds, integer_rule
+from .grammar import check_grammar, check_schema, integer_bounds, integer_rule
 from .images import DEFAULT_MAX_TOKENS, REFERENCE_SIDE, image_parts, load_image, part_source, prepare_bytes, read_source
 from .placement import (CACHE_TYPES, DEFAULT_HEADROOM, EXPERTS_REGEX, ModelInfo, Plan, expert_overrides,
                         plan, read_model, read_vocab)
@@ -1257,6 +1257,7 @@ class Engine:
         L = llama()
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         if s.grammar:
+            check_grammar(s.grammar)  # llama.cpp expands repetitions: bounded before it parses
             # First in the chain: the later samplers then only ever see tokens the grammar allows.
             mark = log_mark()
             grammar = L.llama_sampler_init_grammar(self.vocab, s.grammar.encode("utf-8"), b"root")
@@ -1272,11 +1273,14 @@ class Engine:
             biases = (L.llama_logit_bias * len(s.logit_bias))(*(L.llama_logit_bias(t, b) for t, b in s.logit_bias))
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(self.n_vocab, len(biases), biases))
         if s.repeat_penalty != 1.0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(64, s.repeat_penalty, 0.0, 0.0))
+            # This llama.cpp's signature: (n_vocab, last_n, repeat, frequency, presence). The window
+            # is the last 64 tokens generated (llama.cpp's default --repeat-last-n).
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(self.n_vocab, 64, s.repeat_penalty,
+                                                                            0.0, 0.0))
         if s.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
             return chain
-        if s.top_k > 0:
+        if 0 < s.top_k < self.n_vocab:  # 0, or at least the vocabulary: every token stays
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(s.top_k))
         if s.top_p < 1.0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(s.top_p, 1))
@@ -1465,6 +1469,7 @@ def json_grammar(schemas: dict[str, Any]) -> str:
             rule = name + "-" if name in RESERVED_NAMES else name or "root"
             return self._add_rule(rule, integer_rule(*bounds))
 
+    check_schema(*schemas.values())  # the converter expands counts in Python: bounded first
     conv = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     for name, schema in schemas.items():
         try:
@@ -1477,7 +1482,9 @@ def json_grammar(schemas: dict[str, Any]) -> str:
             raise
         except Exception as e:  # the converter's own checks; see the docstring
             raise PromptError(f"the JSON schema cannot be turned into a grammar: {e or type(e).__name__}") from None
-    return conv.format_grammar()
+    grammar = conv.format_grammar()
+    check_grammar(grammar)
+    return grammar
 
 
 class _TokenText:
@@ -1622,14 +1629,18 @@ class Slots:
         if len(prompt) >= self.n_ctx:
             raise ContextError(f"the prompt has {len(prompt)} tokens but a conversation holds at most {self.n_ctx}")
         chain = self.engine._sampler(sampling)
-        keep = self._common(seq, prompt)
-        mem = L.llama_get_memory(self.engine.ctx)
-        if not L.llama_memory_seq_rm(mem, seq, keep, -1):
-            L.llama_memory_seq_rm(mem, seq, -1, -1)
-            keep = 0
-        del self.cached[seq][keep:]
-        run = _Run(seq=seq, prompt=prompt, todo=prompt[keep:], sampling=sampling, chain=chain,
-                   text=_TokenText(self.engine, raw), cached=keep, t0=time.perf_counter())
+        try:
+            keep = self._common(seq, prompt)
+            mem = L.llama_get_memory(self.engine.ctx)
+            if not L.llama_memory_seq_rm(mem, seq, keep, -1):
+                L.llama_memory_seq_rm(mem, seq, -1, -1)
+                keep = 0
+            del self.cached[seq][keep:]
+            run = _Run(seq=seq, prompt=prompt, todo=prompt[keep:], sampling=sampling, chain=chain,
+                       text=_TokenText(self.engine, raw), cached=keep, t0=time.perf_counter())
+        except BaseException:  # the slot stays free and its sampler is not leaked
+            L.llama_sampler_free(chain)
+            raise
         self.runs[seq] = run
         self._last_used[seq] = time.monotonic()
         return keep

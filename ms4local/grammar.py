@@ -1,4 +1,5 @@
-"""GBNF for JSON-schema integer bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`).
+"""GBNF for JSON-schema integer bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`),
+and the limits on what a schema may make the grammar converter and llama.cpp's grammar parser build.
 
 llama-cpp-python 0.3.36's copy of llama.cpp's schema converter ignores these keywords for integers
 (a TODO in its source), so a `json_schema` response format with `{"type": "integer", "minimum": 1,
@@ -7,17 +8,110 @@ to `integer_rule` instead. The rule accepts exactly the decimal integers in the 
 JSON writes them (no leading zeros, no "+"), built digit by digit the way range regexes are: split
 the range at powers of ten, then within one length at the first digit where the bounds part.
 Pure Python, no llama.cpp: tests check it against llama.cpp's own grammar engine.
+
+Limits (`check_schema`, `check_grammar`): the converter writes `minLength: n` as n copies of the
+character rule and `maxLength: m` as m - n nested optional groups, and llama.cpp expands `x{n}`
+the same way, so one short request (`{"type": "string", "minLength": 100000000}`) would make
+gigabytes of grammar. Counts above MAX_REPEAT, spans (max - min) above MAX_SPAN, which is as deep
+as llama.cpp's parser nests optional groups (it refuses 1001, after logging the whole grammar),
+and grammars longer than MAX_GRAMMAR_CHARS are refused with a PromptError that names the keyword,
+before anything is built.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from .errors import PromptError
 
 MAX_DIGITS = 16  # as the converter's `integral-part` (and enough for any 53-bit JSON integer)
 BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+MAX_REPEAT = 10_000  # largest minLength/maxLength/minItems/maxItems/{n,m} a schema may ask for
+MAX_REPEAT_TOTAL = 100_000  # all of a request's counts together (each one is expanded once)
+MAX_SPAN = 1000  # maxLength - minLength, maxItems - minItems, m - n in {n,m}: llama.cpp's parser's own limit
+MAX_GRAMMAR_CHARS = 4 * 2**20  # GBNF text handed to llama.cpp's parser (a few MB of rules at most)
+COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems")
+VALUE_KEYS = ("enum", "const", "default", "examples")  # JSON values, not schemas: not walked
+_QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def check_schema(*schemas: Any) -> None:
+    """Raise PromptError when `schema` asks for repetition counts the grammar cannot hold: a
+    count that is not a whole number >= 0, above MAX_REPEAT, or a max below its min. Walks the
+    whole schema iteratively (a deeply nested one cannot exhaust the stack here). The counts of
+    all the schemas given together may not exceed MAX_REPEAT_TOTAL."""
+    todo = [*schemas]
+    total = 0
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        counts: dict[str, int] = {}
+        for key in COUNT_KEYS:
+            if key not in node:
+                continue
+            n = node[key]
+            if isinstance(n, bool) or not isinstance(n, (int, float)) or not n == n:
+                raise PromptError(f"the JSON schema's {key} must be a whole number >= 0, got {n!r}")
+            if n > MAX_REPEAT:
+                raise PromptError(f"the JSON schema's {key} is {n:g}, above this server's limit of {MAX_REPEAT} "
+                                  "(a grammar that long would not fit in memory)")
+            if n < 0 or int(n) != n:
+                raise PromptError(f"the JSON schema's {key} must be a whole number >= 0, got {n!r}")
+            counts[key] = int(n)
+            total += int(n)
+        for lo, hi in (("minLength", "maxLength"), ("minItems", "maxItems")):
+            if hi not in counts:
+                continue
+            if counts[hi] < counts.get(lo, 0):
+                raise PromptError(f"the JSON schema allows nothing: {hi} {counts[hi]} is below {lo} {counts[lo]}")
+            if counts[hi] - counts.get(lo, 0) > MAX_SPAN:
+                raise PromptError(f"the JSON schema's {hi} may exceed {lo} (0 if not given) by at most {MAX_SPAN}, "
+                                  f"got {hi} {counts[hi]} and {lo} {counts.get(lo, 0)} (llama.cpp's grammar parser "
+                                  "refuses more optional repetitions)")
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            total += pattern_repeats(pattern)
+        if total > MAX_REPEAT_TOTAL:
+            raise PromptError(f"the JSON schema's lengths and item counts add up to more than this server's limit "
+                              f"of {MAX_REPEAT_TOTAL}")
+        todo.extend(v for k, v in node.items() if k not in VALUE_KEYS and isinstance(v, (dict, list)))
+
+
+def pattern_repeats(pattern: str) -> int:
+    """The sum of the `{n}`, `{n,}` and `{n,m}` counts in a regex pattern; PromptError for one
+    above MAX_REPEAT or a span m - n above MAX_SPAN."""
+    total = 0
+    for m in _QUANTIFIER.finditer(pattern):
+        for count in m.groups():
+            if count and (len(count) > 9 or int(count) > MAX_REPEAT):
+                raise PromptError(f"the JSON schema's pattern repeats {m.group(0)}, above this server's limit of "
+                                  f"{MAX_REPEAT} repetitions")
+            total += int(count or 0)
+        low, high = m.groups()
+        if high and int(high) - int(low or 0) > MAX_SPAN:
+            raise PromptError(f"the JSON schema's pattern repeats {m.group(0)}: at most {MAX_SPAN} optional "
+                              "repetitions (llama.cpp's grammar parser refuses more)")
+    return total
+
+
+def check_grammar(gbnf: str) -> None:
+    """Raise PromptError for GBNF that llama.cpp should not be asked to parse: longer than
+    MAX_GRAMMAR_CHARS, or with a `{n,m}` repetition above MAX_REPEAT (the parser expands it)."""
+    if len(gbnf) > MAX_GRAMMAR_CHARS:
+        raise PromptError(f"the grammar has {len(gbnf)} characters, above this server's limit of "
+                          f"{MAX_GRAMMAR_CHARS} (simplify the JSON schema or the tools)")
+    for m in re.finditer(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}',
+                         gbnf):
+        for count in m.groups():  # only set for a repetition outside literals, classes and comments
+            if count and (len(count) > 9 or int(count) > MAX_REPEAT):
+                raise PromptError(f"the grammar repeats {m.group(0)}, above this server's limit of {MAX_REPEAT} "
+                                  "repetitions")
 
 
 def integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None] | None:

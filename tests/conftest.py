@@ -54,3 +54,19 @@ def cli_env(tmp_path):
     env = dict(os.environ, NO_COLOR="1", COLUMNS="200", TERM="dumb", MS4LOCAL_MODELS=str(tmp_path / "models"))
     env.pop("MS4LOCAL_DEBUG", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def model(ckpt, gguf_file):
+    """The tiny F32 GGUF that the server tests serve."""
+    return gguf_file(ckpt(), "F32")
+
+
+@pytest.fixture(scope="session")
+def endless(model):
+    """logit_bias that bans the end of text: a sampled answer of the random tiny model could
+    otherwise end early and free its slot before a test is done with it."""
+    from ms4local import Engine, EngineOptions
+
+    with Engine(model, EngineOptions(vocab_only=True)) as e:
+        return {"logit_bias": {str(e.eos_id): -100}}

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import math
+import time
 
 import pytest
 
 from ms4local import Engine, EngineOptions
 from ms4local.engine import json_grammar, llama
 from ms4local.errors import PromptError
-from ms4local.grammar import integer_bounds
+from ms4local.grammar import MAX_GRAMMAR_CHARS, MAX_REPEAT, MAX_SPAN, check_grammar, check_schema, integer_bounds
 
 WINDOW = range(-1300, 1301)
 
@@ -131,3 +132,71 @@ def test_bounds_inside_objects(vocab):
         assert not m.accepts('{"a": 1, "b": [0]}') and not m.accepts('{"a": 1, "b": [-3]}')
     finally:
         m.close()
+
+
+# ----------------------------------------------------------------------------- limits (issue #18)
+@pytest.mark.parametrize("schema, match", [
+    ({"type": "string", "minLength": 100_000_000}, "minLength is 1e\\+08"),
+    ({"type": "string", "maxLength": MAX_REPEAT + 1}, "maxLength"),
+    ({"type": "string", "maxLength": MAX_SPAN + 1}, "at most 1000"),
+    ({"type": "string", "minLength": 50, "maxLength": MAX_SPAN + 51}, "at most 1000"),
+    ({"type": "array", "items": {"type": "string"}, "maxItems": MAX_SPAN + 1}, "maxItems"),
+    ({"type": "string", "pattern": "^x{0,1001}$"}, "optional"),
+    ({"type": "array", "items": {"type": "string"}, "minItems": 10**18}, "minItems"),
+    ({"type": "array", "items": {"type": "string"}, "maxItems": math.inf}, "maxItems"),
+    ({"type": "array", "items": {"type": "string"}, "maxItems": math.nan}, "whole number"),
+    ({"type": "string", "pattern": "x{100000000}"}, "pattern repeats"),
+    ({"type": "string", "pattern": "x{2,99999999999999999999999}"}, "pattern repeats"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "string", "minLength": MAX_REPEAT + 1}]}}}, "minLength"),
+    ({"type": "object", "properties": {str(i): {"type": "string", "minLength": MAX_REPEAT} for i in range(11)}},
+     "add up"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "below"),
+    ({"type": "string", "minLength": True}, "whole number"),
+])
+def test_schema_counts_beyond_the_limits_are_prompt_errors_at_once(schema, match):
+    t = time.monotonic()
+    with pytest.raises(PromptError, match=match):
+        json_grammar({"n": schema})
+    assert time.monotonic() - t < 5  # nothing was built (1e8 took minutes and gigabytes)
+
+
+def test_counts_inside_values_are_not_schema_counts():
+    """An enum or const value that looks like a schema is a value: not walked, not refused."""
+    check_schema({"enum": [{"minLength": 10**12}], "const": {"maxItems": -1}, "default": {"minItems": "x"}})
+
+
+def test_the_limits_themselves_make_a_grammar_llama_cpp_accepts(vocab):
+    """MAX_REPEAT and MAX_SPAN are usable: llama.cpp parses them, and they mean what they say."""
+    lo = MAX_REPEAT - MAX_SPAN
+    m = matcher(vocab, {"type": "string", "minLength": lo, "maxLength": MAX_REPEAT})
+    try:
+        assert m.accepts('"' + "a" * lo + '"') and m.accepts('"' + "a" * MAX_REPEAT + '"')
+        assert not m.accepts('"' + "a" * (lo - 1) + '"')
+        assert not m.accepts('"' + "a" * (MAX_REPEAT + 1) + '"')
+    finally:
+        m.close()
+    m = matcher(vocab, {"type": "array", "items": {"type": "integer"}, "maxItems": MAX_SPAN})
+    try:
+        assert m.accepts("[" + ", ".join("7" * MAX_SPAN) + "]") and m.accepts("[]")
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("gbnf, ok", [
+    ('root ::= "a"{10000}', True),
+    ('root ::= "a"{10001}', False),
+    ('root ::= [a-z]{3,99999999999}', False),
+    ('root ::= "{99999999}" [{]{2}', True),  # inside a literal or a class: text, not a repetition
+    ('root ::= "x" # {99999999}\n', True),  # a comment
+])
+def test_check_grammar_counts_repetitions_outside_literals(gbnf, ok):
+    if ok:
+        check_grammar(gbnf)
+    else:
+        with pytest.raises(PromptError, match="repeats"):
+            check_grammar(gbnf)
+
+
+def test_check_grammar_bounds_the_size():
+    with pytest.raises(PromptError, match="characters"):
+        check_grammar('root ::= "' + "a" * MAX_GRAMMAR_CHARS + '"')

@@ -9,42 +9,12 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ms4local import Engine, EngineOptions
-from test_server import KEY, Server, assert_error, running, user
-
-
-@pytest.fixture(scope="module")
-def model(ckpt, gguf_file):
-    return gguf_file(ckpt(), "F32")
-
-
-@pytest.fixture(scope="module")
-def endless(model):
-    """logit_bias that bans the end of text: a sampled answer of the random tiny model could
-    otherwise end early and free its slot before the test is done with it."""
-    with Engine(model, EngineOptions(vocab_only=True)) as e:
-        return {"logit_bias": {str(e.eos_id): -100}}
-
-
-def _stream(server: Server, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """Open a streamed chat completion and return the live connection and response."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
-    resp = conn.getresponse()
-    assert resp.status == 200
-    return conn, resp
-
-
-def _metric(server: Server, name: str) -> float:
-    _, _, text = server.get("/metrics")
-    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+from serving import KEY, Server, assert_error, metric, running, stream, user
 
 
 @pytest.mark.parametrize("parallel", ["1", "4"])
@@ -65,12 +35,12 @@ def test_eight_clients_at_once_all_get_the_right_answer(model, parallel):
         assert answers == [alone] * 8
         if parallel == "4":
             # the batches carried several slots: fewer decode steps than tokens generated
-            assert _metric(s, "ms4local_decode_steps_total") < _metric(s, "ms4local_generated_tokens_total")
+            assert metric(s, "ms4local_decode_steps_total") < metric(s, "ms4local_generated_tokens_total")
 
 
 def test_a_client_that_disconnects_frees_its_slot(model, endless):
     with running(model, "-c", "8192", "--parallel", "1") as s:
-        conn, resp = _stream(s, {"messages": user("Une très longue histoire"), "max_tokens": 8000, "temperature": 1, **endless})
+        conn, resp = stream(s, {"messages": user("Une très longue histoire"), "max_tokens": 8000, "temperature": 1, **endless})
         for _ in range(3):
             resp.readline()
         assert s.get("/health")[2]["busy"] == 1
@@ -82,23 +52,25 @@ def test_a_client_that_disconnects_frees_its_slot(model, endless):
         t = time.monotonic()
         r = s.client().chat.completions.create(model="model-F32", messages=user("suivant"), max_tokens=4)
         assert r.choices[0].message is not None and time.monotonic() - t < 10.0  # not behind 8000 tokens (~50 s)
-        assert _metric(s, "ms4local_requests_cancelled_total") == 1
-        assert _metric(s, "ms4local_generated_tokens_total") < 4000
+        assert metric(s, "ms4local_requests_cancelled_total") == 1
+        assert metric(s, "ms4local_generated_tokens_total") < 4000
 
 
 def test_full_queue_answers_429_with_retry_after(model, endless):
     with running(model, "-c", "8192", "--parallel", "1", "--max-queue", "1") as s:
         long = {"messages": user("occupé"), "max_tokens": 8000, "temperature": 1, **endless}
-        first = _stream(s, long)  # has the slot
-        waiting = threading.Thread(target=lambda: s.post("/v1/chat/completions", long, timeout=120), daemon=True)
-        waiting.start()  # waits in the queue
+        first = stream(s, long)  # has the slot
+        waiting = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)  # waits in the queue
+        waiting.request("POST", "/v1/chat/completions", json.dumps(long),
+                        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
         deadline = time.monotonic() + 5
         while s.get("/health")[2]["queue"] < 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         status, headers, err = s.post("/v1/chat/completions", {"messages": user("encore"), "max_tokens": 2})
         assert_error(status, err, 429, code="queue_full", contains="--max-queue 1")
         assert int({k.lower(): v for k, v in headers.items()}["retry-after"]) > 0
-        assert _metric(s, "ms4local_requests_rejected_queue_full_total") == 1
+        assert metric(s, "ms4local_requests_rejected_queue_full_total") == 1
+        waiting.close()  # leaves the queue (else it would take the slot for 8000 tokens and delay the exit)
         first[0].close()
 
 
@@ -107,7 +79,7 @@ def test_signal_drains_in_flight_streams(model, endless, sig):
     """SIGTERM and SIGINT (Ctrl-C) alike: no new work, the stream in flight runs to its end, exit 0."""
     s = Server(model, "-c", "4096", "--parallel", "2")
     try:
-        conn, resp = _stream(s, {"messages": user("drain"), "max_tokens": 300, "temperature": 1, **endless})
+        conn, resp = stream(s, {"messages": user("drain"), "max_tokens": 300, "temperature": 1, **endless})
         resp.readline()
         s.proc.send_signal(sig)
         time.sleep(0.2)

@@ -29,7 +29,8 @@ def serve(
     parallel: Annotated[int, typer.Option(
         "-np", "--parallel", help="Conversations decoded together in one batch; each gets ctx-size/N tokens.")] = 1,
     max_queue: Annotated[int, typer.Option(
-        "--max-queue", help="Requests that may wait for a slot; more get 429 with Retry-After.")] = 64,
+        "--max-queue", help="Requests that may wait when every slot is busy (0: none wait, up to --parallel "
+                            "are served at once); more get 429 with Retry-After.")] = 64,
     max_body_size: Annotated[str, typer.Option(
         "--max-body-size", metavar="SIZE", help="Largest request body (images come as data: URIs); more gets 413.")] = "32M",
     allow_image_urls: Annotated[bool, typer.Option(
@@ -79,16 +80,17 @@ def serve(
         image_max_tokens=image_max_tokens)
     opts = replace(opts, parallel=parallel)
     opts.check()
+    config = ServerConfig(
+        model_id=alias or Path(model).name.removesuffix(".gguf"), api_key=api_key,
+        reasoning_effort=reasoning_effort, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        repeat_penalty=repeat_penalty, max_tokens=max_tokens,
+        images=ImagePolicy(allow_urls=allow_image_urls, allow_local_files=allow_local_files),
+        max_body_bytes=parse_size(max_body_size))
+    config.check()  # an empty --api-key, or defaults that every request would be refused for
     if not Path(model).is_file():
         raise fail(f"model file {model} does not exist", 1)
     placement = options.resolve_placement(model, opts)
     if not is_loopback(host) and not api_key:
         ui.err.print(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
                      "model", style="yellow", markup=False, highlight=False, soft_wrap=True)
-    config = ServerConfig(
-        model_id=alias or Path(model).name.removesuffix(".gguf"), api_key=api_key or None,
-        reasoning_effort=reasoning_effort, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repeat_penalty=repeat_penalty, max_tokens=max_tokens,
-        images=ImagePolicy(allow_urls=allow_image_urls, allow_local_files=allow_local_files),
-        max_body_bytes=parse_size(max_body_size))
     run(lambda: Engine(model, opts, placement=placement), config, host=host, port=port, max_queue=max_queue)

@@ -45,7 +45,7 @@ def serve(load: Callable[[], object], config: ServerConfig, *, host: str = "127.
     # In-flight SSE streams finish on shutdown (they end with their generation); sse-starlette's
     # default would cut them at the first signal.
     AppStatus.disable_automatic_graceful_drain()
-    scheduler = Scheduler(load, max_queue=max_queue)  # type: ignore[arg-type]
+    scheduler = Scheduler(load, max_queue=max_queue, log=say)  # type: ignore[arg-type]
     app = create_app(config, scheduler)
 
     class Server(uvicorn.Server):

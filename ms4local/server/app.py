@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_session import default_sampling
 from ..engine import Delta, Done, Engine, Sampling, json_grammar
-from ..errors import Ms4localError
+from ..errors import Ms4localError, OptionsError
 from ..stream import MalformedToolCall, Tag, ToolCall, ToolCallDelta
 from . import errors as E
 from .errors import APIError, bad_request
@@ -38,7 +38,8 @@ from .schemas import ChatRequest, CompletionRequest, ContentPart, Message, Tool
 
 EFFORTS = {"none": "none", "minimal": "none", "low": "high", "medium": "high", "high": "high"}
 MAX_STOP = 16
-DISCONNECT_POLL_S = 0.25
+MAX_LOGIT_BIAS = 4096
+MAX_STOP_CHARS = 256  # the stop filter holds back up to this much text and scans it at every token
 TOOL_NAME_CHARS = set(string.ascii_letters + string.digits + "_-.")
 
 
@@ -47,7 +48,7 @@ class ServerConfig:
     """What `ms4local serve` decided: the model's public id, the key, defaults and limits."""
 
     model_id: str
-    api_key: str | None = None
+    api_key: str | None = None  # None: no auth; an empty key is refused by `check`
     reasoning_effort: str = "none"
     temperature: float | None = None  # None: 0.7 with high effort, 0.1 with none (Mistral's guidance)
     top_p: float = 0.95
@@ -58,6 +59,20 @@ class ServerConfig:
     images: ImagePolicy = field(default_factory=ImagePolicy)
     max_body_bytes: int = 32 * 2**20
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def check(self) -> None:
+        """Refuse defaults that would fail every request, and a key no client could send."""
+        if self.api_key is not None and (not self.api_key.strip() or not self.api_key.isascii()
+                                         or not self.api_key.isprintable() or self.api_key != self.api_key.strip()):
+            raise OptionsError("--api-key must be a non-empty key of printable ASCII characters without surrounding "
+                               "spaces (leave the option out to serve without a key)")
+        for flag, param, value in (("--temp", "temperature", self.temperature), ("--top-p", "top_p", self.top_p),
+                                   ("--top-k", "top_k", self.top_k), ("--min-p", "min_p", self.min_p),
+                                   ("--repeat-penalty", "repeat_penalty", self.repeat_penalty),
+                                   ("-n/--max-tokens", "max_tokens", self.max_tokens)):
+            problem = None if value is None else out_of_range(param, value)
+            if problem:
+                raise OptionsError(f"{flag}: {problem}")
 
 
 def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
@@ -77,7 +92,7 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
         state = scheduler.state
         if state == "ready" and not scheduler.draining:
             return JSONResponse({"status": "ok", "slots": scheduler.n_slots, "busy": scheduler.busy_slots,
-                                 "queue": scheduler.queue_depth})
+                                 "queue": scheduler.queue_depth, "restarts": scheduler.restarts})
         status = {"loading": "loading", "failed": "error"}.get(state, "shutting_down")
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "5"})
 
@@ -108,7 +123,10 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
 # ----------------------------------------------------------------------------- gate (auth, size, counts)
 class Gate:
     """Pure ASGI middleware: request counts for /metrics, the API key (constant-time compare),
-    and the body size limit (413 before the JSON is parsed; a chunked body is read up to the limit)."""
+    the body size limit (413 before the JSON is parsed; a chunked body is read up to the limit),
+    and POST bodies read as JSON whatever their Content-Type says (`text/plain`, none), as OpenAI
+    and llama-server read them: FastAPI would otherwise hand the route raw bytes and answer with a
+    puzzling "Input should be a valid dictionary". A body that is not JSON still gets a 400."""
 
     OPEN = ("/health",)
 
@@ -123,6 +141,9 @@ class Gate:
             return
         path = scope.get("path", "")
         seen: dict[str, int] = {}
+        if scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
         async def counted(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -245,6 +266,7 @@ def prometheus(s: Scheduler) -> str:
             ("decode_steps_total", "counter", "llama_decode steps (each carries every busy slot).", m.decode_steps),
             ("requests_rejected_queue_full_total", "counter", "Requests refused with 429.", m.rejected_queue_full),
             ("requests_cancelled_total", "counter", "Generations stopped by a client going away.", m.cancelled),
+            ("engine_restarts_total", "counter", "Times the slots were rebuilt after an unexpected error.", s.restarts),
             ("queue_depth", "gauge", "Requests waiting for a slot.", s.queue_depth),
             ("slots_busy", "gauge", "Slots generating now.", s.busy_slots),
             ("slots_total", "gauge", "Slots (--parallel).", s.n_slots),
@@ -281,20 +303,40 @@ def sampling_of(config: ServerConfig, body: ChatRequest | CompletionRequest, eff
     min_p = config.min_p if body.min_p is None else body.min_p
     penalty = config.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty
     n = config.max_tokens if max_tokens is None else max_tokens
-    for ok, param, what in ((0 <= temp <= 2, "temperature", "between 0 and 2"),
-                            (0 < top_p <= 1, "top_p", "in (0, 1]"), (top_k >= 0, "top_k", "0 or more"),
-                            (0 <= min_p <= 1, "min_p", "between 0 and 1"), (0 < penalty <= 10, "repeat_penalty", "in (0, 10]"),
-                            (n >= 1, "max_tokens", "at least 1")):
-        if not ok:
-            raise bad_request(f"{param} must be {what}", param, "invalid_value")
-    seed = None if body.seed is None else body.seed & 0xFFFFFFFF
+    for param, value in (("temperature", temp), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
+                         ("repeat_penalty", penalty), ("max_tokens", n)):
+        problem = out_of_range(param, value)
+        if problem:
+            raise bad_request(problem, param, "invalid_value")
+    seed = None if body.seed is None else body.seed & 0xFFFFFFFF  # -1 → 0xFFFFFFFF: llama.cpp's "random"
     return Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=penalty,
                     max_tokens=n, seed=seed, grammar=grammar, logit_bias=logit_bias_of(body.logit_bias))
+
+
+# Where each sampling value is accepted: one table for requests and for `serve`'s defaults. NaN fails
+# every comparison, so it is refused too; top_k beyond the vocabulary means "all" (the engine skips it).
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "temperature": (lambda v: 0 <= v <= 2, "between 0 and 2"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "0 or more"),
+    "min_p": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "repeat_penalty": (lambda v: 0 < v <= 10, "in (0, 10]"),
+    "max_tokens": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def out_of_range(param: str, value: float) -> str | None:
+    """"param must be …" when `value` lies outside what RANGES accepts, else None."""
+    ok, what = RANGES[param]
+    return None if ok(value) else f"{param} must be {what}, got {value}"
 
 
 def logit_bias_of(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's `{"token id": bias}` with biases in [-100, 100]; ids beyond the vocabulary are
     refused by the engine when the sampler is built (a 400 as well)."""
+    if bias and len(bias) > MAX_LOGIT_BIAS:
+        raise bad_request(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}", "logit_bias",
+                          "invalid_value")
     out = []
     for key, value in (bias or {}).items():
         try:
@@ -314,6 +356,10 @@ def stops_of(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > MAX_STOP:
         raise bad_request(f"at most {MAX_STOP} stop strings are accepted, got {len(stops)}", "stop", "invalid_value")
+    long = next((s for s in stops if len(s) > MAX_STOP_CHARS), None)
+    if long is not None:
+        raise bad_request(f"stop strings may hold at most {MAX_STOP_CHARS} characters, got one of {len(long)}",
+                          "stop", "invalid_value")
     return tuple(s for s in stops if s)
 
 
@@ -472,25 +518,35 @@ def usage_of(done: Done) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
-async def _next(job: Job, request: Request | None, scheduler: Scheduler) -> Any:
-    """The job's next item; a client that went away meanwhile cancels the job (APIError 499).
-    Without `request` (SSE streams: sse-starlette cancels the generator itself) no polling."""
-    if request is None:
-        return await job.queue.get()
-    while True:
-        try:
-            return await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
+class _Watch:
+    """Cancels `job` when its client goes away, from submission until the answer is written:
+    a task waits on the ASGI `receive` (the body is read by then, so the next message uvicorn
+    gives is `http.disconnect`), marks the job cancelled, so that the engine thread stops its
+    generation at the next token, and puts a 499 in the job's queue to wake the handler. Waiting
+    on the event rather than polling between tokens is what stops a request that is generating
+    fast. Streams hand over to sse-starlette, which watches the same way."""
+
+    def __init__(self, request: Request, job: Job, scheduler: Scheduler) -> None:
+        self.task = asyncio.create_task(self._run(request, job, scheduler))
+
+    @staticmethod
+    async def _run(request: Request, job: Job, scheduler: Scheduler) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
                 scheduler.cancel(job)
-                raise APIError(499, "the client closed the request", code="client_closed") from None
+                job.queue.put_nowait(Failed(APIError(499, "the client closed the request", code="client_closed")))
+                return
+
+    def stop(self) -> None:
+        self.task.cancel()
 
 
-async def _events(job: Job, scheduler: Scheduler, request: Request | None = None) -> AsyncIterator[Any]:
+async def _events(job: Job) -> AsyncIterator[Any]:
     """The job's events up to and including its `Done`; a `Failed` raises its APIError. Callers
     cancel the job in their own `finally` (an abandoned async generator is closed only later)."""
     while True:
-        item = await _next(job, request, scheduler)
+        item = await job.queue.get()
         if isinstance(item, Failed):
             raise item.error
         yield item
@@ -498,10 +554,10 @@ async def _events(job: Job, scheduler: Scheduler, request: Request | None = None
             return
 
 
-async def _start(scheduler: Scheduler, job: Job, request: Request) -> Started:
+async def _start(scheduler: Scheduler, job: Job) -> Started:
     scheduler.submit(job)
     try:
-        first = await _next(job, request, scheduler)
+        first = await job.queue.get()
     except BaseException:
         scheduler.cancel(job)
         raise
@@ -525,6 +581,8 @@ def _ready(scheduler: Scheduler) -> Engine:
     if scheduler.state == "loading":
         raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
                        headers={"Retry-After": "5"})
+    if scheduler.state == "failed":
+        raise APIError(503, "the engine failed and the server is stopping", code="engine_failed")
     if scheduler.engine is None or scheduler.state != "ready" or scheduler.draining:
         raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "30"})
     return scheduler.engine
@@ -554,24 +612,28 @@ async def chat(config: ServerConfig, scheduler: Scheduler, body: ChatRequest, re
     if not n_images:  # images use the engine thread's cache; text alone is tokenized off it
         prompt = await _tokenized(prompt, engine)
     job = Job(prompt=prompt, sampling=sampling, loop=asyncio.get_running_loop(), stop=stops)
-    await _start(scheduler, job, request)
-    cid, created = _completion_id("chatcmpl"), int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chat_stream(scheduler, job, config.model_id, cid, created, include_usage),
-                                   ping=15, send_timeout=30)
+    watch = _Watch(request, job, scheduler)
     try:
-        return await _chat_whole(scheduler, job, request, config.model_id, cid, created)
+        await _start(scheduler, job)
+        cid, created = _completion_id("chatcmpl"), int(time.time())
+        if body.stream:
+            watch.stop()
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(_chat_stream(scheduler, job, config.model_id, cid, created, include_usage),
+                                       ping=15, send_timeout=30)
+        try:
+            return await _chat_whole(job, config.model_id, cid, created)
+        finally:
+            scheduler.cancel(job)
     finally:
-        scheduler.cancel(job)
+        watch.stop()
 
 
-async def _chat_whole(scheduler: Scheduler, job: Job, request: Request, model_id: str, cid: str,
-                      created: int) -> dict[str, Any]:
+async def _chat_whole(job: Job, model_id: str, cid: str, created: int) -> dict[str, Any]:
     content: list[str] = []
     reasoning: list[str] = []
     calls: dict[int, dict[str, Any]] = {}
-    async for item in _events(job, scheduler, request):
+    async for item in _events(job):
         if isinstance(item, Delta):
             (reasoning if item.reasoning else content).append(item.text)
         elif isinstance(item, (ToolCall, MalformedToolCall)):
@@ -607,7 +669,7 @@ async def _chat_stream(scheduler: Scheduler, job: Job, model_id: str, cid: str, 
     try:
         yield chunk({"role": "assistant", "content": ""})
         try:
-            async for item in _events(job, scheduler):
+            async for item in _events(job):
                 if isinstance(item, Delta):
                     yield chunk({"reasoning_content": item.text} if item.reasoning else {"content": item.text})
                 elif isinstance(item, ToolCallDelta):
@@ -651,40 +713,56 @@ async def complete(config: ServerConfig, scheduler: Scheduler, body: CompletionR
 
     prompt = await _tokenized(prompt, _ready(scheduler))
     job = Job(prompt=prompt, sampling=sampling, loop=asyncio.get_running_loop(), stop=stops_of(body.stop), raw=True)
-    await _start(scheduler, job, request)
-    cid, created = _completion_id("cmpl"), int(time.time())
-
-    def obj(text: str, finish: str | None) -> dict[str, Any]:
-        return {"id": cid, "object": "text_completion", "created": created, "model": config.model_id,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
-
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        async def gen() -> AsyncIterator[str]:
-            try:
-                try:
-                    async for item in _events(job, scheduler):
-                        if isinstance(item, Delta):
-                            yield json.dumps(obj(item.text, None), ensure_ascii=False)
-                        elif isinstance(item, Done):
-                            yield json.dumps(obj("", item.finish_reason))
-                            if include_usage:
-                                yield json.dumps({**obj("", None), "choices": [], "usage": usage_of(item)})
-                except APIError as e:
-                    yield json.dumps(e.body())
-                yield "[DONE]"
-            finally:
-                scheduler.cancel(job)
-
-        return EventSourceResponse(gen(), ping=15, send_timeout=30)
+    watch = _Watch(request, job, scheduler)
     try:
-        parts: list[str] = []
-        async for item in _events(job, scheduler, request):
-            if isinstance(item, Delta):
-                parts.append(item.text)
-            elif isinstance(item, Done):
-                return {**obj("".join(parts), item.finish_reason), "usage": usage_of(item)}
-        raise AssertionError("a job's events end with Done")
+        await _start(scheduler, job)
+        if body.stream:
+            watch.stop()
+            return _complete_stream(config, scheduler, job, body)
+        try:
+            return await _complete_whole(config, job)
+        finally:
+            scheduler.cancel(job)
     finally:
-        scheduler.cancel(job)
+        watch.stop()
+
+
+def _completion_obj(model_id: str, cid: str, created: int) -> Callable[[str, str | None], dict[str, Any]]:
+    def obj(text: str, finish: str | None) -> dict[str, Any]:
+        return {"id": cid, "object": "text_completion", "created": created, "model": model_id,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    return obj
+
+
+def _complete_stream(config: ServerConfig, scheduler: Scheduler, job: Job, body: CompletionRequest) -> Any:
+    obj = _completion_obj(config.model_id, _completion_id("cmpl"), int(time.time()))
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def gen() -> AsyncIterator[str]:
+        try:
+            try:
+                async for item in _events(job):
+                    if isinstance(item, Delta):
+                        yield json.dumps(obj(item.text, None), ensure_ascii=False)
+                    elif isinstance(item, Done):
+                        yield json.dumps(obj("", item.finish_reason))
+                        if include_usage:
+                            yield json.dumps({**obj("", None), "choices": [], "usage": usage_of(item)})
+            except APIError as e:
+                yield json.dumps(e.body())
+            yield "[DONE]"
+        finally:
+            scheduler.cancel(job)
+
+    return EventSourceResponse(gen(), ping=15, send_timeout=30)
+
+
+async def _complete_whole(config: ServerConfig, job: Job) -> dict[str, Any]:
+    obj = _completion_obj(config.model_id, _completion_id("cmpl"), int(time.time()))
+    parts: list[str] = []
+    async for item in _events(job):
+        if isinstance(item, Delta):
+            parts.append(item.text)
+        elif isinstance(item, Done):
+            return {**obj("".join(parts), item.finish_reason), "usage": usage_of(item)}
+    raise AssertionError("a job's events end with Done")

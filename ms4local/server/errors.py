@@ -33,8 +33,11 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        # A message may quote what the client sent: whatever that held, the answer must encode.
+        message, param = (None if t is None else t.encode("utf-8", "backslashreplace").decode("utf-8")
+                          for t in (self.message, self.param))
+        return {"error": {"message": message, "type": TYPES.get(self.status, "invalid_request_error"),
+                          "param": param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -65,8 +68,9 @@ async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         return APIError(400, "the request body is not valid JSON", code="invalid_json").response()
     message = first.get("msg", "invalid request")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    code = "invalid_unicode" if first.get("type") == "invalid_unicode" else "invalid_value"
     return APIError(400, f"{where}: {message}{more}" if where else message + more, param=where or None,
-                    code="invalid_value").response()
+                    code=code).response()
 
 
 async def on_http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -8,13 +8,21 @@ waits on llama.cpp; it only reads queues, so /health and /metrics answer while a
 
 A request that goes away (client disconnect, handler cancelled) is marked cancelled; the thread
 sees it before the next step and frees the slot, so its generation stops at the next token.
+
+The thread never dies from a request: an error that belongs to one request (its prompt, its
+grammar, a bug met while serving it) becomes that request's 4xx/5xx; anything else that escapes a
+step (a bug in the batch loop) fails the requests in flight with a 500, throws the slots away and
+starts fresh ones on the same loaded model, and says so in the log. Only if that fails too does
+the scheduler give up ("failed"), and the server exits so that a supervisor can restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,16 +137,31 @@ class QueueFull(Exception):
     pass
 
 
+MAX_RESTARTS = 5  # within RESTART_WINDOW_S: a loop that fails on its own, not on a request, gives up
+RESTART_WINDOW_S = 60.0
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 class Scheduler:
     """Loads the engine in its own thread, then serves jobs in `parallel` slots.
 
     `state` is "loading", "ready", "failed" (see `load_error`) or "stopped". `submit` raises
-    APIError 503 while loading or draining and 429 when `max_queue` jobs already wait.
+    APIError 503 while loading or draining and 429 when every slot is taken and `max_queue` jobs
+    already wait for one (so `max_queue=0` serves up to `parallel` requests at once, none waiting).
+    `restarts` counts the times the slots were rebuilt after an unexpected error; `log` gets
+    one line (and the traceback) each time.
     """
 
-    def __init__(self, load: Callable[[], Engine], *, max_queue: int = 64) -> None:
+    def __init__(self, load: Callable[[], Engine], *, max_queue: int = 64,
+                 log: Callable[[str], None] | None = None) -> None:
         self._load = load
         self.max_queue = max_queue
+        self.log = log or _stderr
+        self.restarts = 0
+        self._recent_restarts: list[float] = []
         self.state = "loading"
         self.load_error: BaseException | None = None
         self.engine: Engine | None = None
@@ -177,14 +200,18 @@ class Scheduler:
         if self.state == "loading":
             raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
                            headers={"Retry-After": "5"})
+        if self.state == "failed":
+            raise APIError(503, "the engine failed and the server is stopping", code="engine_failed")
         if self.state != "ready" or self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "30"})
         with self._cv:
-            if self.queue_depth >= self.max_queue:
+            # Jobs beyond the free slots wait; `max_queue` bounds those, as Ollama's OLLAMA_MAX_QUEUE.
+            waiting = self.queue_depth + self.busy_slots - self.n_slots
+            if waiting >= self.max_queue:
                 self.metrics.rejected_queue_full += 1
-                raise APIError(429, f"the server is busy: {self.queue_depth} requests are already waiting "
-                                    f"(--max-queue {self.max_queue}); retry later", code="queue_full",
-                               headers={"Retry-After": "2"})
+                raise APIError(429, f"the server is busy: all {self.n_slots} slots are taken and "
+                                    f"{max(waiting, 0)} requests already wait (--max-queue {self.max_queue}); "
+                                    "retry later", code="queue_full", headers={"Retry-After": "2"})
             self._incoming.append(job)
             self._cv.notify()
 
@@ -209,20 +236,76 @@ class Scheduler:
             self.engine = self._load()
             self.slots = Slots(self.engine)
         except BaseException as e:  # reported to the CLI, which prints it as one line
-            self.load_error = e
-            self.state = "failed"
-            if self.on_load_failure is not None:
-                self.on_load_failure(e)
+            self._fail(e)
             return
         self.state = "ready"
         try:
-            self._serve()
+            while True:
+                try:
+                    self._serve()
+                    return
+                except Exception as e:  # a bug in the loop itself: the slots' state is unknown
+                    if not self._restart(e):
+                        return
         finally:
-            for job in list(self._active.values()) + list(self._waiting) + list(self._incoming):
-                job.post(Failed(APIError(503, "the server stopped", code="shutting_down")))
-            self.slots.close()
-            self.engine.close()
-            self.state = "stopped"
+            self._fail_all(APIError(503, "the server stopped", code="shutting_down"))
+            try:
+                self.slots.close()
+            finally:
+                self.engine.close()
+                if self.state != "failed":
+                    self.state = "stopped"
+
+    def _fail(self, error: BaseException) -> None:
+        self.load_error = error
+        self.state = "failed"
+        if self.on_load_failure is not None:
+            self.on_load_failure(error)
+
+    def _fail_all(self, error: APIError, *, queued: bool = True) -> None:
+        """Answer the requests in the slots (and, if `queued`, those waiting) with `error`."""
+        jobs = list(self._active.values())
+        self._active.clear()
+        if queued:
+            with self._cv:
+                jobs += self._incoming
+                self._incoming = []
+            jobs += self._waiting
+            self._waiting.clear()
+        for job in jobs:
+            try:
+                job.post(Failed(error))
+            except Exception:
+                pass  # nobody left to tell
+
+    def _restart(self, error: Exception) -> bool:
+        """Throw the slots away and make fresh ones on the same model (the requests in the slots
+        get a 500, those waiting are served by the new slots); False when that fails, or when the
+        loop keeps failing (MAX_RESTARTS within RESTART_WINDOW_S): then the scheduler gives up."""
+        self.log(f"ms4local: engine error: {type(error).__name__}: {error}; restarting the slots "
+                 "(the requests in flight get a 500)\n" + "".join(traceback.format_exception(error)).rstrip())
+        self._fail_all(APIError(500, f"internal error: {type(error).__name__}: {error} (the engine was restarted)",
+                                code="internal_error"), queued=False)
+        assert self.engine is not None and self.slots is not None
+        now = time.monotonic()
+        self._recent_restarts = [t for t in self._recent_restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(self._recent_restarts) > MAX_RESTARTS:
+            self.log(f"ms4local: {MAX_RESTARTS} engine restarts within {RESTART_WINDOW_S:g} s; stopping")
+            self._fail(error)
+            return False
+        try:
+            try:
+                self.slots.close()
+            except Exception:
+                pass  # its runs are forgotten either way; Slots() clears the KV cache
+            self.slots = Slots(self.engine)
+        except Exception as e:
+            self.log(f"ms4local: the engine cannot be restarted ({type(e).__name__}: {e}); stopping")
+            self._fail(e)
+            return False
+        self.restarts += 1
+        self.log(f"ms4local: engine restarted ({self.restarts} restart{'s' * (self.restarts > 1)} so far)")
+        return True
 
     def _serve(self) -> None:
         slots = self.slots
@@ -275,9 +358,18 @@ class Scheduler:
         except APIError as e:
             job.post(Failed(e))
             return
+        except Exception as e:  # a bug met while reading this prompt: its 500, the engine goes on
+            job.post(Failed(self._internal(e)))
+            return
         job.ids = ids
         job._filter = StopFilter(job.stop) if job.stop else None
         self._waiting.append(job)
+
+    def _internal(self, error: Exception) -> APIError:
+        """A bug met while serving one request: logged with its traceback, that request's 500."""
+        self.log(f"ms4local: internal error in a request: {type(error).__name__}: {error}\n"
+                 + "".join(traceback.format_exception(error)).rstrip())
+        return APIError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error")
 
     def _reap(self) -> None:
         slots = self.slots
@@ -295,13 +387,16 @@ class Scheduler:
         assert slots is not None
         while self._waiting and slots.free():
             job = self._waiting.popleft()
-            assert job.ids is not None
-            seq = slots.best_slot(job.ids)
-            assert seq is not None
             try:
+                seq = slots.best_slot(job.ids or [])
+                if seq is None or job.ids is None:
+                    raise RuntimeError("no free slot or no prompt ids for a job about to start")
                 cached = slots.start(seq, job.ids, job.sampling, raw=job.raw)
             except Ms4localError as e:
                 job.post(Failed(from_engine(e)))
+                continue
+            except Exception as e:  # a bug met while starting this run (Slots.start left the slot free)
+                job.post(Failed(self._internal(e)))
                 continue
             self._active[seq] = job
             self.metrics.prompt_tokens += len(job.ids)

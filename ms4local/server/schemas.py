@@ -3,13 +3,19 @@
 Only the shape is checked here; meaning (roles in order, efforts, images, schemas) is judged by
 the routes, which answer 400 with a message that names the field. Unknown fields are ignored, as
 OpenAI-compatible servers do, so clients that send newer fields keep working.
+
+One check here looks at the whole decoded body, before any field: every string (keys too) must be
+Unicode that UTF-8 can encode. JSON's `\ud800` escapes decode to lone surrogates, which Python
+keeps in a str but which no tokenizer, template or log can encode; refused here, they never reach
+the queue or the engine thread.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Body(BaseModel):
@@ -103,7 +109,40 @@ class _Sampling(_Body):
     logit_bias: Optional[dict[str, float]] = None
 
 
-class ChatRequest(_Sampling):
+def _bad_unicode(value: Any, where: str = "") -> str | None:
+    """The path of the first string in `value` that is not valid Unicode (a lone surrogate), or None.
+    Iterative, so that a deeply nested body cannot exhaust the stack."""
+    todo: list[tuple[Any, str]] = [(value, where)]
+    while todo:
+        item, at = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return at or "body"
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                path = f"{at}.{key}" if at else str(key)
+                if isinstance(key, str) and _bad_unicode(key) is not None:
+                    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+                todo.append((sub, path))
+        elif isinstance(item, list):
+            todo.extend((sub, f"{at}[{i}]") for i, sub in enumerate(item))
+    return None
+
+
+class _Request(_Sampling):
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _bad_unicode(data)
+        if where is not None:
+            raise PydanticCustomError("invalid_unicode", "{where}: the text holds a lone surrogate (such as "
+                                      "\\ud800), which is not valid Unicode", {"where": where})
+        return data
+
+
+class ChatRequest(_Request):
     messages: list[Message]
     max_completion_tokens: Optional[int] = None
     reasoning_effort: Optional[str] = None
@@ -112,7 +151,7 @@ class ChatRequest(_Sampling):
     response_format: Optional[ResponseFormat] = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_Request):
     prompt: Union[str, list[str]]
     echo: Optional[bool] = None
     suffix: Optional[str] = None
