@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from quantize.gguf_header import SPLIT, Cursor, GGUFHeaderError, split_count
+
 from .errors import ModelLoadError, OptionsError
-from .placement import (_SPLIT, DEFAULT_HEADROOM, ModelInfo, Plan, TensorInfo, _Cursor, compute_allowance,
-                        plan, read_model)
+from .placement import DEFAULT_HEADROOM, ModelInfo, Plan, TensorInfo, compute_allowance, plan, read_model
 
 # Tensor classes, in display order. The routed experts are what --n-cpu-moe moves to RAM;
 # "norms/router" are the small F32 tensors every quantizer leaves alone.
@@ -311,7 +312,7 @@ def _token_arrays(path: Path) -> tuple[list[bytes], np.ndarray] | None:
     only the offsets, so that the few special tokens can be named without decoding the rest.
     """
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        c = _Cursor(buf, path)
+        c = Cursor(buf, path)
         c.pos = 8
         c.unpack("<Q")
         n_kv = int(c.unpack("<Q"))  # type: ignore[arg-type]
@@ -359,7 +360,10 @@ def tokenizer_facts(m: ModelInfo) -> dict[str, object]:
         "model": md.get("tokenizer.ggml.model"), "pre": md.get("tokenizer.ggml.pre"),
         "add_bos": md.get("tokenizer.ggml.add_bos_token"), "add_eos": md.get("tokenizer.ggml.add_eos_token"),
     }
-    arrays = _token_arrays(m.path)
+    try:
+        arrays = _token_arrays(m.path)
+    except GGUFHeaderError as e:  # the file changed since read_model checked it
+        raise ModelLoadError(str(e)) from None
     texts = arrays[0] if arrays else []
     ids: dict[str, object] = {}
     for role in ("bos", "eos", "unknown", "padding"):
@@ -400,7 +404,7 @@ def _quant_report(path: Path) -> dict[str, float] | None:
     import json
 
     side = path.with_name(path.name.removesuffix(".gguf") + ".quant.json")
-    m = _SPLIT.match(path.name)
+    m = SPLIT.match(path.name)
     if m and not side.is_file():
         side = path.with_name(m["prefix"] + ".quant.json")
     try:
@@ -411,10 +415,10 @@ def _quant_report(path: Path) -> dict[str, float] | None:
 
 
 def _files(m: ModelInfo) -> tuple[tuple[Path, int], ...]:
-    count = int(m.metadata.get("split.count", 1) or 1)  # type: ignore[arg-type]
+    count = split_count(m.metadata)
     if count <= 1:
         return ((m.path, m.path.stat().st_size),)
-    sm = _SPLIT.match(m.path.name)
+    sm = SPLIT.match(m.path.name)
     if sm is None:  # read_model already refused such a name; keep the one file
         return ((m.path, m.path.stat().st_size),)
     paths = [m.path.with_name(f"{sm['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
