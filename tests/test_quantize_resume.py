@@ -391,29 +391,47 @@ def test_report_of_a_resumed_run_covers_every_tensor(src, clean, out_dir, tmp_pa
 
 # --- (f) two runs to the same output at once: the second one stops (issue #18) ------------------------
 
+# The first of two runs: the real convert, paused inside its first progress report (so while it holds
+# the output and has written part of it) until the test creates the gate file.
+PAUSED = textwrap.dedent("""
+    import os, sys, time
+    from quantize import convert
+
+    src, out, out_type, gate = sys.argv[1:]
+
+    def wait(done, total, name):
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+
+    convert(src, out=out, out_type=out_type, threads=1, progress=wait)
+""")
+
+
 def test_second_run_to_the_same_output_is_refused_while_the_first_writes(src, clean, out_dir, tmp_path, cli_env):
     """Two `ms4local quantize` runs to one -o used to interleave their tensors in the same `.part`; one
     said "wrote" over a file that matched neither. Now the second fails at once, naming the first's
     pid (with --force too), and the first finishes a file byte-identical to a clean run's."""
     reference = clean(0)
     plan = plan_of(src, out_dir / "m.gguf")
-    cmd = [str(BIN / "ms4local"), "quantize", str(src), "--type", TYPE, "-o", str(plan.out), "-t", "1"]
-    first = start(cmd, tmp_path / "first.txt", cli_env)
+    gate = tmp_path / "go-on"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED, str(src), str(plan.out), TYPE, str(gate)], cwd=ROOT,
+                             stderr=subprocess.PIPE, env=cli_env)
+    part = plan.out.with_name(plan.out.name + ".part")
     deadline = time.monotonic() + TIMEOUT
-    while count_journal(plan.journal) < 1:  # the first run holds the lock and is writing tensors
-        assert first.poll() is None and time.monotonic() < deadline, "the first run ended before writing"
+    while not (part.exists() and part.stat().st_size > 0 and lock_path(plan.out).exists()):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read().decode()[-2000:]
         time.sleep(POLL)
+    cmd = [str(BIN / "ms4local"), "quantize", str(src), "--type", TYPE, "-o", str(plan.out), "-t", "1"]
     try:
         for extra in ([], ["--force"]):
             second = subprocess.run(cmd + extra, capture_output=True, text=True, env=cli_env, timeout=TIMEOUT)
             lines = second.stderr.strip().splitlines()
             assert second.returncode == 1 and len(lines) == 1, second.stderr
             assert lines[0].startswith("error: ") and f"pid {first.pid}" in lines[0] and "another" in lines[0], lines[0]
-            assert first.poll() is None, "the refusal came only after the first run ended: not a test of the lock"
+            assert first.poll() is None
     finally:
-        watch(first, plan)
-    err = first.stderr.read().decode()
-    first.stderr.close()
+        gate.touch()
+        err = first.communicate(timeout=TIMEOUT)[1].decode()
     assert first.returncode == 0, err[-2000:]
     assert_complete(plan, reference)  # also: no lock file left behind
 
