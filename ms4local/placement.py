@@ -99,7 +99,33 @@ def read_model(path: str | Path) -> ModelInfo:
     except GGUFHeaderError as e:
         raise ModelLoadError(str(e)) from None
     arch = str(header.metadata.get("general.architecture", "?"))
+    _check_types(header.path, arch, header.metadata)
     return ModelInfo(path=header.path, arch=arch, metadata=header.metadata, tensors=header.tensors)
+
+
+# Keys read as counts or ids (ModelInfo, the planner, `info`): a string or a float there is a corrupt
+# file, refused here instead of a ValueError deep in the planner.
+_COUNTS = ("block_count", "embedding_length", "context_length", "vocab_size", "expert_count", "expert_used_count",
+           "expert_shared_count", "expert_gating_func", "attention.head_count", "attention.head_count_kv",
+           "attention.key_length", "attention.value_length", "attention.kv_lora_rank", "rope.dimension_count")
+_GLOBAL_COUNTS = ("general.file_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                  "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "clip.vision.projection_dim")
+_STRINGS = ("general.architecture", "general.name", "tokenizer.chat_template", "tokenizer.ggml.model")
+
+
+def _check_types(path: Path, arch: str, meta: dict[str, object]) -> None:
+    def count(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    for key in [f"{arch}.{k}" for k in _COUNTS] + list(_GLOBAL_COUNTS):
+        v = meta.get(key)
+        per_layer = key.endswith(".head_count_kv") and isinstance(v, list) and v  # llama.cpp allows one per layer
+        if v is not None and not (all(count(x) for x in v) if per_layer else count(v)):  # type: ignore[union-attr]
+            raise ModelLoadError(f"{path.name}: {key} is {str(v)[:40]!r}, not a count (corrupt header)")
+    for key in _STRINGS:
+        v = meta.get(key)
+        if v is not None and not isinstance(v, str):
+            raise ModelLoadError(f"{path.name}: {key} is {str(v)[:40]!r}, not a string (corrupt header)")
 
 
 # ----------------------------------------------------------------------------- sizes

@@ -319,3 +319,24 @@ def test_cli_corrupt_headers_fail_at_once(files, cli_env, tmp_path):
         assert time.monotonic() - start < 60, kind
         assert p.returncode == 1 and p.stderr.startswith("error:") and "Traceback" not in p.stderr, (kind, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, (kind, p.stderr)
+
+
+@pytest.mark.parametrize("key, value", [("mistral4.block_count", "abc"), ("mistral4.attention.head_count", 2.5),
+                                        ("general.file_type", "Q4"), ("tokenizer.chat_template", 7),
+                                        ("mistral4.expert_gating_func", [1, 2])])
+def test_cli_metadata_of_the_wrong_type(cli_env, tmp_path, key, value):
+    """A count that is a string, a float or a list: one line and exit 1, not a ValueError from the planner."""
+    from gguf import GGUFWriter
+
+    path = tmp_path / "weird.gguf"
+    w = GGUFWriter(str(path), "mistral4")
+    {str: w.add_string, float: w.add_float32, int: w.add_uint32, list: w.add_array}[type(value)](key, value)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for extra in ([], ["--vram", "1G", "--bandwidth", "CPU=20"]):
+        p = run("info", str(path), *extra, env=cli_env)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-1500:]
+        assert p.stderr.startswith("error:") and key in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
