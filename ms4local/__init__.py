@@ -1,7 +1,8 @@
 """ms4local: run Mistral Small 4 locally on llama.cpp.
 
 `from ms4local import Engine` loads a GGUF and streams answers; the converter lives in the
-sibling package `quantize`. This package never imports `quantize` (the CLI joins the two).
+sibling package `quantize`. This package imports from `quantize` only its GGUF header reader
+(`quantize.gguf_header`, one reader with one set of rules for both); the CLI joins the rest.
 """
 
 from .engine import Delta, Done, Engine, EngineOptions, Placement, Sampling, Timings, Usage

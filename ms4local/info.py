@@ -16,10 +16,8 @@ slower (compute, kernel launches, routing), which is what makes it an upper boun
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -27,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from quantize.gguf_header import SPLIT, split_count
+
 from .errors import ModelLoadError, OptionsError
-from .placement import (_SPLIT, DEFAULT_HEADROOM, ModelInfo, Plan, TensorInfo, _Cursor, compute_allowance,
-                        plan, read_model)
+from .placement import DEFAULT_HEADROOM, ModelInfo, Plan, TensorInfo, compute_allowance, plan, read_model, read_vocab
 
 # Tensor classes, in display order. The routed experts are what --n-cpu-moe moves to RAM;
 # "norms/router" are the small F32 tensors every quantizer leaves alone.
@@ -304,54 +303,6 @@ def template_features(template: str | None) -> dict[str, object]:
     }
 
 
-def _token_arrays(path: Path) -> tuple[list[bytes], np.ndarray] | None:
-    """(token texts of the control/user-defined tokens by id, token types) from a GGUF's header.
-
-    `read_model` steps over the 131072-entry token array; here it is walked once more, keeping
-    only the offsets, so that the few special tokens can be named without decoding the rest.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        c = _Cursor(buf, path)
-        c.pos = 8
-        c.unpack("<Q")
-        n_kv = int(c.unpack("<Q"))  # type: ignore[arg-type]
-        offsets: list[int] | None = None
-        types: np.ndarray | None = None
-        for _ in range(n_kv):
-            key = c.string()
-            vtype = int(c.unpack("<I"))  # type: ignore[arg-type]
-            if key == "tokenizer.ggml.tokens" and vtype == 9:
-                c.unpack("<I")
-                n = int(c.unpack("<Q"))  # type: ignore[arg-type]
-                offsets, pos, unpack = [], c.pos, struct.unpack_from
-                for _ in range(n):
-                    offsets.append(pos)
-                    pos += 8 + unpack("<Q", buf, pos)[0]
-                c.pos = pos
-            elif key == "tokenizer.ggml.token_type" and vtype == 9:
-                itype = int(c.unpack("<I"))  # type: ignore[arg-type]
-                n = int(c.unpack("<Q"))  # type: ignore[arg-type]
-                if itype != 5:  # int32
-                    c.pos -= 12
-                    c.value(vtype)
-                    continue
-                types = np.frombuffer(buf, dtype="<i4", count=n, offset=c.pos).copy()
-                c.pos += 4 * n
-            else:
-                c.value(vtype)
-            if offsets is not None and types is not None:
-                break
-        if offsets is None or types is None:
-            return None
-        special = np.nonzero((types == _CONTROL) | (types == _USER_DEFINED))[0]
-        texts: list[bytes] = [b""] * len(offsets)
-        for i in special:
-            pos = offsets[i]
-            n = struct.unpack_from("<Q", buf, pos)[0]
-            texts[i] = bytes(buf[pos + 8:pos + 8 + n])
-        return texts, types
-
-
 def tokenizer_facts(m: ModelInfo) -> dict[str, object]:
     """BOS/EOS/UNK/PAD ids and the named control tokens ([INST], [THINK] …) with their ids."""
     md = m.metadata
@@ -359,20 +310,23 @@ def tokenizer_facts(m: ModelInfo) -> dict[str, object]:
         "model": md.get("tokenizer.ggml.model"), "pre": md.get("tokenizer.ggml.pre"),
         "add_bos": md.get("tokenizer.ggml.add_bos_token"), "add_eos": md.get("tokenizer.ggml.add_eos_token"),
     }
-    arrays = _token_arrays(m.path)
-    texts = arrays[0] if arrays else []
+    try:
+        texts, types = read_vocab(m.path)
+        arrays: tuple[list[str], np.ndarray] | None = texts, np.asarray(types)
+    except ModelLoadError:  # no vocabulary (or the file changed since read_model checked it)
+        texts, arrays = [], None
     ids: dict[str, object] = {}
     for role in ("bos", "eos", "unknown", "padding"):
         tid = md.get(f"tokenizer.ggml.{role}_token_id")
         if tid is not None:
-            ids[role] = {"id": tid, "text": texts[tid].decode("utf-8", "replace") if tid < len(texts) and texts[tid] else None}  # type: ignore[operator]
+            ids[role] = {"id": tid, "text": texts[tid] if tid < len(texts) and texts[tid] else None}  # type: ignore[operator]
     out["ids"] = ids
     if arrays is not None:
         texts, types = arrays
         special = np.nonzero((types == _CONTROL) | (types == _USER_DEFINED))[0]
         named = {}
         for i in special:
-            s = texts[i].decode("utf-8", "replace")
+            s = texts[i]
             if not _UNNAMED_SPECIAL.match(s):
                 named[s] = int(i)
         out["control_tokens"] = int(len(special))
@@ -400,7 +354,7 @@ def _quant_report(path: Path) -> dict[str, float] | None:
     import json
 
     side = path.with_name(path.name.removesuffix(".gguf") + ".quant.json")
-    m = _SPLIT.match(path.name)
+    m = SPLIT.match(path.name)
     if m and not side.is_file():
         side = path.with_name(m["prefix"] + ".quant.json")
     try:
@@ -411,10 +365,10 @@ def _quant_report(path: Path) -> dict[str, float] | None:
 
 
 def _files(m: ModelInfo) -> tuple[tuple[Path, int], ...]:
-    count = int(m.metadata.get("split.count", 1) or 1)  # type: ignore[arg-type]
+    count = split_count(m.metadata)
     if count <= 1:
         return ((m.path, m.path.stat().st_size),)
-    sm = _SPLIT.match(m.path.name)
+    sm = SPLIT.match(m.path.name)
     if sm is None:  # read_model already refused such a name; keep the one file
         return ((m.path, m.path.stat().st_size),)
     paths = [m.path.with_name(f"{sm['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]

@@ -8,21 +8,20 @@ routed experts as still fit; the rest of the experts stay in RAM, where the CPU 
 4 it needs. The planner chooses N from the file's own tensor sizes, the KV cache and a compute
 allowance, so it is right for every quantization and context size without a table.
 
-Reading the header must be fast on a 67 GB file: the file is memory-mapped and only the
-metadata and tensor-info records at its start are touched (token arrays are stepped over).
-Split files (`…-00001-of-00003.gguf`) are read together.
+The header comes from `quantize.gguf_header`, the one bounded GGUF header reader of the
+project (memory-mapped, token arrays stepped over, split sets read together), which the
+converter's GGUF → GGUF route uses too: both accept and refuse the same files.
 """
 
 from __future__ import annotations
 
-import mmap
 import re
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from quantize.gguf_header import GGUFHeaderError, TensorInfo, read_header
+from quantize.gguf_header import read_vocab as gguf_read_vocab
 
 from .errors import ModelLoadError
 
@@ -42,14 +41,6 @@ DEFAULT_HEADROOM = 1 * GiB
 
 
 # ----------------------------------------------------------------------------- GGUF header
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    type: str  # ggml type name, e.g. Q4_K
-    shape: tuple[int, ...]  # ne: innermost first, as GGUF stores it
-    nbytes: int
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What the placement needs from a GGUF: hyper-parameters and every tensor's size."""
@@ -99,175 +90,52 @@ class ModelInfo:
         return sum(t.nbytes for t in self.tensors)
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-_KEEP_ARRAY = 256  # longer arrays (the vocabulary) are stepped over, not decoded
-
-
-class _Cursor:
-    def __init__(self, buf: mmap.mmap, path: Path) -> None:
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def unpack(self, fmt: str) -> object:
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.buf):
-            raise ModelLoadError(f"{self.path.name} is truncated inside its GGUF header")
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return value
-
-    def string(self) -> str:
-        n = int(self.unpack("<Q"))  # type: ignore[arg-type]
-        if self.pos + n > len(self.buf):
-            raise ModelLoadError(f"{self.path.name} is truncated inside its GGUF header")
-        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", "replace")
-        self.pos += n
-        return s
-
-    def value(self, vtype: int) -> object:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            itype = int(self.unpack("<I"))  # type: ignore[arg-type]
-            n = int(self.unpack("<Q"))  # type: ignore[arg-type]
-            if n <= _KEEP_ARRAY:
-                return [self.value(itype) for _ in range(n)]
-            if itype in _SCALARS:
-                self.pos += n * struct.calcsize(_SCALARS[itype])
-            elif itype == _STRING:
-                unpack, buf, pos = struct.unpack_from, self.buf, self.pos
-                try:
-                    for _ in range(n):  # step over each string: 8-byte length, then the bytes
-                        pos += 8 + unpack("<Q", buf, pos)[0]
-                except struct.error:
-                    pos = len(buf) + 1
-                self.pos = pos
-            else:
-                for _ in range(n):
-                    self.value(itype)
-            if self.pos > len(self.buf):
-                raise ModelLoadError(f"{self.path.name} is truncated inside its GGUF header")
-            return None
-        raise ModelLoadError(f"{self.path.name}: unknown GGUF value type {vtype}")
-
-
-def _read_one(path: Path) -> tuple[dict[str, object], list[TensorInfo]]:
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ModelLoadError(f"cannot open {path}: {e.strerror or e}") from None
-    with f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
-            raise ModelLoadError(f"{path.name} is empty, not a GGUF file") from None
-        try:
-            if buf[:4] != b"GGUF":
-                raise ModelLoadError(f"{path.name} is not a GGUF file")
-            c = _Cursor(buf, path)
-            c.pos = 4
-            version = int(c.unpack("<I"))  # type: ignore[arg-type]
-            if version not in (2, 3):
-                raise ModelLoadError(f"{path.name}: GGUF version {version} is not supported (big-endian file?)")
-            n_tensors, n_kv = int(c.unpack("<Q")), int(c.unpack("<Q"))  # type: ignore[arg-type]
-            meta: dict[str, object] = {}
-            for _ in range(n_kv):
-                key = c.string()
-                meta[key] = c.value(int(c.unpack("<I")))  # type: ignore[arg-type]
-            tensors = []
-            for _ in range(n_tensors):
-                name = c.string()
-                n_dims = int(c.unpack("<I"))  # type: ignore[arg-type]
-                shape = tuple(int(c.unpack("<Q")) for _ in range(n_dims))  # type: ignore[arg-type]
-                ttype = int(c.unpack("<I"))  # type: ignore[arg-type]
-                c.unpack("<Q")  # data offset: not needed
-                try:
-                    qtype = GGMLQuantizationType(ttype)
-                    block, size = GGML_QUANT_SIZES[qtype]
-                except (ValueError, KeyError):
-                    raise ModelLoadError(f"{path.name}: tensor {name} has ggml type {ttype}, unknown to gguf-py") from None
-                n = 1
-                for d in shape:
-                    n *= d
-                tensors.append(TensorInfo(name, qtype.name, shape, n // block * size))
-            return meta, tensors
-        finally:
-            buf.close()
-
-
 def read_vocab(path: str | Path) -> tuple[list[str], list[int]]:
-    """The token texts and token types of a GGUF (`tokenizer.ggml.tokens` / `token_type`), by id.
-
-    `read_model` steps over these arrays; the tokenizer (ms4local/tokenizer.py) needs them whole.
-    They sit in the header of the first file of a split set. Texts are decoded as UTF-8 with
-    replacement, so a text that is not valid UTF-8 cannot pass for a byte-level token.
-    """
-    path = Path(path)
+    """The token texts and token types of a GGUF, by id (for ms4local/tokenizer.py); the reader is
+    `quantize.gguf_header`'s, its errors become ModelLoadError here."""
     try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ModelLoadError(f"cannot open {path}: {e.strerror or e}") from None
-    with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ModelLoadError(f"{path.name} is not a GGUF file")
-        c = _Cursor(buf, path)
-        c.pos = 16  # magic, version, tensor count
-        n_kv = int(c.unpack("<Q"))  # type: ignore[arg-type]
-        tokens: list[str] | None = None
-        types: list[int] | None = None
-        for _ in range(n_kv):
-            key = c.string()
-            vtype = int(c.unpack("<I"))  # type: ignore[arg-type]
-            wanted = {"tokenizer.ggml.tokens": _STRING, "tokenizer.ggml.token_type": 5}.get(key)  # 5: int32
-            if wanted is None:
-                c.value(vtype)
-                continue
-            if vtype != _ARRAY or c.unpack("<I") != wanted:
-                raise ModelLoadError(f"{path.name}: {key} is not an array of the expected type")
-            n = int(c.unpack("<Q"))  # type: ignore[arg-type]
-            if wanted == _STRING:
-                tokens, pos, unpack = [], c.pos, struct.unpack_from
-                try:
-                    for _ in range(n):
-                        size = unpack("<Q", buf, pos)[0]
-                        tokens.append(buf[pos + 8:pos + 8 + size].decode("utf-8", "replace"))
-                        pos += 8 + size
-                except struct.error:
-                    raise ModelLoadError(f"{path.name} is truncated inside its GGUF header") from None
-                c.pos = pos
-            else:
-                if c.pos + 4 * n > len(buf):
-                    raise ModelLoadError(f"{path.name} is truncated inside its GGUF header")
-                types = list(struct.unpack_from(f"<{n}i", buf, c.pos))
-                c.pos += 4 * n
-            if tokens is not None and types is not None:
-                break
-        if tokens is None or types is None or len(tokens) != len(types):
-            raise ModelLoadError(f"{path.name} has no complete vocabulary (tokenizer.ggml.tokens and token_type)")
-        return tokens, types
-
-
-_SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+        return gguf_read_vocab(Path(path))
+    except GGUFHeaderError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def read_model(path: str | Path) -> ModelInfo:
-    """Header of a GGUF (all files of a split set, given the first); no tensor data is read."""
-    path = Path(path)
-    meta, tensors = _read_one(path)
-    count = int(meta.get("split.count", 1) or 1)  # type: ignore[arg-type]
-    if count > 1:
-        m = _SPLIT.match(path.name)
-        if not m:
-            raise ModelLoadError(f"{path.name} is part 1 of {count} but is not named like NAME-00001-of-{count:05d}.gguf")
-        for i in range(2, count + 1):
-            part = path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf")
-            if not part.is_file():
-                raise ModelLoadError(f"split part {part.name} is missing next to {path.name}")
-            tensors += _read_one(part)[1]
-    arch = str(meta.get("general.architecture", "?"))
-    return ModelInfo(path=path, arch=arch, metadata=meta, tensors=tuple(tensors))
+    """Header of a GGUF (all files of a split set, given the first); no tensor data is read.
+
+    The reader is the converter's (`quantize.gguf_header`), so that `info`, `--fit` and the
+    GGUF → GGUF route accept and refuse the same files; its errors become ModelLoadError here."""
+    try:
+        header = read_header(path)
+    except GGUFHeaderError as e:
+        raise ModelLoadError(str(e)) from None
+    arch = str(header.metadata.get("general.architecture", "?"))
+    _check_types(header.path, arch, header.metadata)
+    return ModelInfo(path=header.path, arch=arch, metadata=header.metadata, tensors=header.tensors)
+
+
+# Keys read as counts or ids (ModelInfo, the planner, `info`): a string or a float there is a corrupt
+# file, refused here instead of a ValueError deep in the planner.
+_COUNTS = ("block_count", "embedding_length", "context_length", "vocab_size", "expert_count", "expert_used_count",
+           "expert_shared_count", "expert_gating_func", "attention.head_count", "attention.head_count_kv",
+           "attention.key_length", "attention.value_length", "attention.kv_lora_rank", "rope.dimension_count")
+_GLOBAL_COUNTS = ("general.file_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                  "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "clip.vision.projection_dim")
+_STRINGS = ("general.architecture", "general.name", "tokenizer.chat_template", "tokenizer.ggml.model")
+
+
+def _check_types(path: Path, arch: str, meta: dict[str, object]) -> None:
+    def count(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    for key in [f"{arch}.{k}" for k in _COUNTS] + list(_GLOBAL_COUNTS):
+        v = meta.get(key)
+        per_layer = key.endswith(".head_count_kv") and isinstance(v, list) and v  # llama.cpp allows one per layer
+        if v is not None and not (all(count(x) for x in v) if per_layer else count(v)):  # type: ignore[union-attr]
+            raise ModelLoadError(f"{path.name}: {key} is {str(v)[:40]!r}, not a count (corrupt header)")
+    for key in _STRINGS:
+        v = meta.get(key)
+        if v is not None and not isinstance(v, str):
+            raise ModelLoadError(f"{path.name}: {key} is {str(v)[:40]!r}, not a string (corrupt header)")
 
 
 # ----------------------------------------------------------------------------- sizes

@@ -29,7 +29,8 @@ from .source import SafetensorsSource
 from .vocab import default_chat_template, load_chat_template, load_vocab
 from . import mmproj as vision
 from .errors import ConfigError, OutputError, VocabError
-from .writer import OutTensor, Progress, check_output, layout, prefetch, write_gguf
+from .writer import (OutTensor, Progress, check_output, check_replaceable, file_ids, layout, output_lock, prefetch,
+                     write_gguf)
 
 DEFAULT_MODELS_DIR = Path("models")
 
@@ -87,6 +88,12 @@ def default_output(name: str, out_type: str) -> Path:
     return models_dir() / f"{name}-{out_type.upper()}.gguf"
 
 
+def is_gguf_source(src: str | os.PathLike[str]) -> bool:
+    """Whether `convert` re-quantizes `src` as a GGUF (llama.cpp's quantizer: no resume) rather
+    than converting a checkpoint (resumable)."""
+    return str(src).endswith(".gguf") and Path(src).is_file()
+
+
 def convert(
     src: str | os.PathLike[str],
     *,
@@ -115,7 +122,7 @@ def convert(
     overrides = [parse_override(t) for t in tensor_types]
     if split_max_tensors < 0 or split_max_size < 0:
         raise OutputError("split limits must be positive")
-    if str(src).endswith(".gguf") and Path(src).is_file():
+    if is_gguf_source(src):
         if split_max_tensors or split_max_size:
             raise OutputError("--split-max-size/--split-max-tensors apply to checkpoint conversions; "
                               "re-quantize to one file, or convert from the HF checkpoint to split")
@@ -193,8 +200,12 @@ def convert(
     report = Report()
     measure = quant_report
     fingerprint = _fingerprint(source, directory, policy)
+    # Whatever the run reads must survive it, --force or not: every file of the checkpoint directory.
+    inputs = file_ids(p for p in directory.iterdir())
+    if measure and not mmproj_only:
+        check_replaceable(report_path(output), inputs=inputs)
     if result.mmproj is not None:
-        check_output(result.mmproj, force=force, needed_bytes=0)  # fail before hours of text conversion
+        check_output(result.mmproj, force=force, needed_bytes=0, inputs=inputs)  # fail before hours of text conversion
 
     with Encoder(threads) as encoder:
         def data(pending: list[OutTensor]):
@@ -211,14 +222,15 @@ def convert(
                                       split_max_tensors=split_max_tensors, split_max_size=split_max_size,
                                       fingerprint=fingerprint, force=force,
                                       tensor_meta=report.state if measure else None,
-                                      restore_meta=report.restore if measure else None)
+                                      restore_meta=report.restore if measure else None, inputs=inputs)
             if measure and report.tensors:
                 result.report = report
                 save_report(report, report_path(output))
         if result.mmproj is not None and vh is not None:
             write_gguf(result.mmproj, "clip",
                        lambda w: vision.add_metadata(w, vh, mean, std, mm_file_type, f"{name} vision projector"),
-                       mm_tensors, data, progress, fingerprint=fingerprint + f"\nmmproj {mmproj_type}", force=force)
+                       mm_tensors, data, progress, fingerprint=fingerprint + f"\nmmproj {mmproj_type}", force=force,
+                       inputs=inputs)
     result.written = True
     return result
 
@@ -245,7 +257,7 @@ def _requantize(src: Path, out: str | os.PathLike[str] | None, ft, policy: str, 
     """GGUF → GGUF through llama.cpp's own quantizer (see requant.py)."""
     from . import requant
 
-    tensors, meta = requant.read_tensors(src)
+    tensors, meta, sources = requant.read_tensors(src)
     choices = requant.plan(tensors, meta, ft, policy, overrides)
     name = str(meta.get("general.basename") or meta.get("general.name") or src.stem)
     rows = [PlanRow(t.name, tuple(reversed(t.shape)), t.type.name, choices[t.name].type.name, choices[t.name].rule,
@@ -254,11 +266,10 @@ def _requantize(src: Path, out: str | os.PathLike[str] | None, ft, policy: str, 
     result = ConvertResult(output, ft.name, rows, name, "kept from the source GGUF", policy=policy, files=[output])
     if dry_run:
         return result
-    if output.resolve() == src.resolve():
-        raise OutputError(f"output {output} is the input file; choose another -o")
+    inputs = file_ids(sources)
     if out is None:
         output.parent.mkdir(parents=True, exist_ok=True)
-    check_output(output, force=force, needed_bytes=result.total_bytes)
+    check_output(output, force=force, needed_bytes=result.total_bytes, inputs=inputs)
     # llama.cpp reports tensors ("[ i/ n] name", in its own order); the bar is over output bytes.
     size_of = {r.name: r.nbytes for r in rows}
     seen: set[str] = set()
@@ -272,6 +283,8 @@ def _requantize(src: Path, out: str | os.PathLike[str] | None, ft, policy: str, 
         if progress:
             progress(done, result.total_bytes, tensor)
 
-    requant.requantize(src, output, ft, policy, overrides, choices, threads, by_bytes)
+    with output_lock(output, inputs=inputs):
+        check_output(output, force=force, needed_bytes=0, inputs=inputs)  # again: another run may have just finished
+        requant.requantize(src, output, ft, policy, overrides, choices, threads, by_bytes)
     result.written = True
     return result

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 from gguf import GGMLQuantizationType as T
 
 from .arch.mistral4 import ATTN, DENSE, EMBED, EXPERTS, NORM, OUTPUT, ROUTER, SHEXP, TensorJob
 from .errors import CheckpointError, QuantizeError
+from .gguf_header import read_header
 from .policy import Choice, FileType, Override, Policy, nbytes
 from .quants import lib_dir
 
@@ -96,24 +96,23 @@ class GGUFTensor:
     type: T
 
 
-def read_tensors(path: Path) -> tuple[list[GGUFTensor], dict[str, object]]:
-    """Tensor infos and a few metadata fields of a GGUF (memory-mapped; data is not read)."""
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({e})") from None
-    tensors = [GGUFTensor(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), T(t.tensor_type))
-               for t in reader.tensors]
-    meta: dict[str, object] = {}
-    for key in ("general.architecture", "general.name", "general.basename", "general.file_type"):
-        f = reader.fields.get(key)
-        if f is not None:
-            meta[key] = f.contents()
+def read_tensors(path: Path) -> tuple[list[GGUFTensor], dict[str, object], tuple[Path, ...]]:
+    """Tensor infos, a few metadata fields and the files (several for a split set) of a GGUF,
+    from its header only.
+
+    The header is read by `gguf_header`, which bounds every count and checks that the tensor data
+    is all there, so a corrupt or truncated file is refused here, in a second, before gguf-py or
+    llama.cpp sees it."""
+    header = read_header(path)
+    tensors = [GGUFTensor(t.name, tuple(reversed(t.shape)), T[t.type]) for t in header.tensors]
+    md = header.metadata
+    meta: dict[str, object] = {k: md[k] for k in ("general.architecture", "general.name", "general.basename",
+                                                  "general.file_type") if k in md}
     arch = str(meta.get("general.architecture", ""))
     for key in (f"{arch}.block_count", f"{arch}.expert_count"):
-        f = reader.fields.get(key)
-        meta[key.split(".", 1)[1]] = f.contents() if f is not None else 0
-    return tensors, meta
+        value = md.get(key)
+        meta[key.split(".", 1)[1]] = value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return tensors, meta, header.files
 
 
 def _role(name: str) -> str:
@@ -155,7 +154,10 @@ def plan(tensors: list[GGUFTensor], meta: dict[str, object], ft: FileType, polic
 
 def requantize(src: Path, dst: Path, ft: FileType, policy: str, overrides: list[Override], choices: dict[str, Choice],
                threads: int | None, progress: Callable[[int, int, str], None] | None = None) -> None:
-    """Write `dst` (through `dst.part`) with llama.cpp's quantizer; raise with llama.cpp's reason on failure."""
+    """Write `dst` (through `dst.part`) with llama.cpp's quantizer; raise with llama.cpp's reason on failure.
+
+    There is no resume on this route: llama.cpp writes the file in one go, so an interrupted or
+    failed run removes its `.part` and the next run starts over."""
     if policy == "llama":
         tt = [(o.pattern.pattern, int(o.type)) for o in overrides]
     else:  # exact names: llama.cpp then uses our type for each tensor (its fallback is a no-op on them)
@@ -167,14 +169,20 @@ def requantize(src: Path, dst: Path, ft: FileType, policy: str, overrides: list[
     lines: list[str] = []
     try:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line.rstrip())
-                del lines[:-40]
-                m = _PROGRESS.match(line.strip())
-                if m and progress:
-                    progress(int(m.group(1)), int(m.group(2)), m.group(3))
-            code = proc.wait()
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    lines.append(line.rstrip())
+                    del lines[:-40]
+                    m = _PROGRESS.match(line.strip())
+                    if m and progress:
+                        progress(int(m.group(1)), int(m.group(2)), m.group(3))
+                code = proc.wait()
+            except BaseException:
+                # Ctrl-C (or any failure here) stops llama.cpp now: its half-written .part cannot be
+                # resumed, and waiting for the child would mean waiting for the whole quantization.
+                proc.kill()
+                raise
         if code != 0 or not part.exists():
             reason = next((ln for ln in reversed(lines) if ln and ("error" in ln.lower() or "failed" in ln.lower()
                                                                    or "abort" in ln.lower())), lines[-1] if lines else "")

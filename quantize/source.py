@@ -99,6 +99,13 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _int(value: object) -> int:
+    """A JSON integer (not a float, not a bool, not a string): header fields are exact."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(value)
+    return value
+
+
 class SafetensorsSource:
     """All tensors of a checkpoint directory, indexed by their names in the files."""
 
@@ -141,15 +148,22 @@ class SafetensorsSource:
     def _index_file(self, path: Path) -> None:
         header, data_start = read_header(path)
         size = path.stat().st_size
+        spans: list[tuple[int, int, str]] = []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             try:
                 dtype = info["dtype"]
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(x) for x in info["data_offsets"])
+                shape = tuple(_int(d) for d in info["shape"])
+                start, end = (_int(x) for x in info["data_offsets"])
+                if not isinstance(dtype, str):
+                    raise TypeError
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path.name}: corrupt header entry for {name}; re-download it") from None
+            # Offsets are relative to the end of the header: a negative one reads the header as weights.
+            if start < 0 or end < start or any(d < 0 for d in shape):
+                raise CheckpointError(f"{path.name}: tensor {name} has impossible data_offsets [{start}, {end}] "
+                                      f"or shape {list(shape)}; the file is corrupt, re-download it")
             if dtype in DTYPE_SIZES and end - start != math.prod(shape) * DTYPE_SIZES[dtype]:
                 raise CheckpointError(f"{path.name}: header of {name} is inconsistent ({dtype} {list(shape)}); re-download it")
             if data_start + end > size:
@@ -163,7 +177,14 @@ class SafetensorsSource:
                     + (f"{where}" if where else "nothing")
                     + "; re-download the checkpoint"
                 )
+            spans.append((start, end, name))
             self.refs[name] = TensorRef(name, path, data_start + start, end - start, dtype, shape)
+        # Two tensors over the same bytes would both convert "fine", to wrong weights.
+        spans.sort()
+        for (a0, a1, a), (b0, b1, b) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise CheckpointError(f"{path.name}: the data of tensors {a} [{a0}, {a1}] and {b} [{b0}, {b1}] overlap; "
+                                      "the file is corrupt, re-download it")
         if self._index_map is not None:
             listed = [k for k, v in self._index_map.items() if v == path.name and k not in self.refs]
             if listed:

@@ -101,11 +101,15 @@ def tekken_merges(inner: list[bytes]) -> list[tuple[bytes, bytes]]:
     return [(left, right) for _, _, _, left, right in merges]
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any]:
+    """A tokenizer file's JSON object; anything else (a list, a number) is a one-line VocabError."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VocabError(f"cannot read {path.name}: {e}; re-download it") from None
+    if not isinstance(data, dict):
+        raise VocabError(f"{path.name} is not a JSON object (it holds a {type(data).__name__}); re-download it")
+    return data
 
 
 def _fill(vocab_size: int, entries: dict[int, tuple[str, int]]) -> tuple[list[str], list[int]]:
@@ -135,6 +139,13 @@ def _special_id(name: str, specials: dict[str, int], cfg_value: Any, fallback: s
 
 def from_tokenizer_json(path: Path, vocab_size: int) -> tuple[dict[int, tuple[str, int]], list[str], dict[str, int], bool | None]:
     data = _read_json(path)
+    try:
+        return _parse_tokenizer_json(path, data)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise VocabError(f"{path.name} is malformed (an entry of the wrong type); re-download it") from None
+
+
+def _parse_tokenizer_json(path: Path, data: dict[str, Any]) -> tuple[dict[int, tuple[str, int]], list[str], dict[str, int], bool | None]:
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise VocabError(f"{path.name} is not a byte-level BPE tokenizer; Mistral Small 4 needs its tekken tokenizer")
@@ -163,6 +174,14 @@ def from_tokenizer_json(path: Path, vocab_size: int) -> tuple[dict[int, tuple[st
 
 def from_tekken_json(path: Path, vocab_size: int) -> tuple[dict[int, tuple[str, int]], list[str], dict[str, int], bool | None]:
     data = _read_json(path)
+    try:
+        return _parse_tekken_json(path, data, vocab_size)
+    except (AttributeError, KeyError, TypeError, ValueError):  # binascii.Error is a ValueError
+        raise VocabError(f"{path.name} is malformed (an entry of the wrong type); re-download it") from None
+
+
+def _parse_tekken_json(path: Path, data: dict[str, Any],
+                       vocab_size: int) -> tuple[dict[int, tuple[str, int]], list[str], dict[str, int], bool | None]:
     try:
         config = data["config"]
         n_special = int(config["default_num_special_tokens"])
@@ -216,7 +235,10 @@ def load_vocab(directory: Path, vocab_size: int, config: dict[str, Any] | None =
 
 
 def load_chat_template(directory: Path) -> str | None:
-    """The checkpoint's own chat template, from any of the places HF keeps it, or None."""
+    """The checkpoint's own chat template, from any of the places HF keeps it, or None.
+
+    The template must compile: it is embedded as it is, and a broken one would only fail at the
+    first chat, which then suggests re-converting — from the same broken file."""
     directory = Path(directory)
     cfg_path = directory / "tokenizer_config.json"
     if cfg_path.is_file():
@@ -225,15 +247,35 @@ def load_chat_template(directory: Path) -> str | None:
             named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
             tpl = named.get("default") or next(iter(named.values()), None)
         if isinstance(tpl, str) and tpl.strip():
-            return tpl
+            return check_template(tpl, cfg_path.name)
     if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            tpl = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise VocabError(f"cannot read chat_template.jinja: {e}; re-download it") from None
+        return check_template(tpl, "chat_template.jinja")
     if (directory / "chat_template.json").is_file():
-        tpl = _read_json(directory / "chat_template.json")
-        tpl = tpl.get("chat_template") if isinstance(tpl, dict) else None
+        tpl = _read_json(directory / "chat_template.json").get("chat_template")
         if isinstance(tpl, str) and tpl.strip():
-            return tpl
+            return check_template(tpl, "chat_template.json")
     return None
+
+
+def check_template(template: str, source: str) -> str:
+    """`template` if it compiles in the sandbox the runtime renders it with (ms4local/prompt.py);
+    else a VocabError naming `source`, the file it came from."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+    except TemplateError as e:
+        line = getattr(e, "lineno", None)
+        where = f" (line {line})" if line else ""
+        reason = " ".join(str(e.message or e).split())
+        raise VocabError(f"the chat template in {source} does not compile{where}: {reason}; fix or remove it, "
+                         "or re-download the checkpoint") from None
+    return template
 
 
 def default_chat_template() -> str:

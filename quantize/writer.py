@@ -23,9 +23,12 @@ import json
 import os
 import queue
 import shutil
+import stat
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +37,11 @@ import gguf
 import numpy as np
 
 from .errors import OutputError, QuantizeError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 Progress = Callable[[int, int, str], None]
 X = TypeVar("X")
@@ -83,24 +91,135 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def check_output(path: Path, *, force: bool, needed_bytes: int) -> None:
-    """Everything about the destination that can fail, checked before the first byte is written."""
-    path = Path(path)
-    if path.is_dir():
+FileId = tuple[int, int]  # (st_dev, st_ino): the same file through any name, symlink or hard link
+
+
+def file_ids(paths: Iterable[Path]) -> frozenset[FileId]:
+    """The identities of the files a run reads (symlinks followed), which it must never write."""
+    ids = set()
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        ids.add((st.st_dev, st.st_ino))
+    return frozenset(ids)
+
+
+def check_replaceable(path: Path, *, inputs: frozenset[FileId] = frozenset()) -> bool:
+    """Refuse a destination that is an input of the run or not a regular file; True if it exists.
+
+    Holds even with --force: a rename over a device node replaces the node (as root, `-o /dev/full`
+    turned /dev/full into a regular file), and a rename over an input, whatever its name, destroys
+    the very checkpoint the run reads. A symlink is followed: its target is what the user means."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):  # a missing parent is check_directory's to report
+        return False
+    except OSError as e:
+        raise OutputError(f"cannot check the output {path}: {e.strerror or e}; choose another -o") from None
+    if (st.st_dev, st.st_ino) in inputs:
+        raise OutputError(f"output {path} is a file this run reads (the same file, by name or by link); "
+                          "ms4local never overwrites its input, even with --force; choose another -o")
+    if stat.S_ISDIR(st.st_mode):
         raise OutputError(f"output {path} is a directory; give a file name ending in .gguf")
-    if path.exists() and not force:
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputError(f"output {path} is not a regular file (a device, pipe or socket); ms4local replaces "
+                          "only regular files, even with --force; choose another -o")
+    return True
+
+
+def check_output(path: Path, *, force: bool, needed_bytes: int, inputs: frozenset[FileId] = frozenset()) -> None:
+    """Everything about the destination that can fail, checked before the first byte is written.
+
+    `inputs` are the files the run reads (`file_ids`): neither the output nor its `.part` may be one."""
+    path = Path(path)
+    check_replaceable(part_path(path), inputs=inputs)
+    if check_replaceable(path, inputs=inputs) and not force:
         raise OutputError(f"output {path} already exists; pass --force to overwrite it or choose another -o")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output directory {parent} does not exist; create it or choose another -o")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"output directory {parent} is not writable; choose another -o")
+    parent = check_directory(path)
     free = shutil.disk_usage(parent).free
     if free < needed_bytes:
         raise OutputError(
             f"not enough disk space in {parent}: the output needs {_gib(needed_bytes)}, {_gib(free)} free; "
             "free some space or choose another -o"
         )
+
+
+def check_directory(path: Path) -> Path:
+    """The directory `path` will be written in, if it exists and is writable."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output directory {parent} does not exist; create it or choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"output directory {parent} is not writable; choose another -o")
+    return parent
+
+
+def lock_path(first: Path) -> Path:
+    return first.with_name(first.name + ".part.lock")
+
+
+@contextmanager
+def output_lock(first: Path, *, inputs: frozenset[FileId] = frozenset()) -> Iterator[None]:
+    """Hold an exclusive lock on `FIRST.part.lock` while an output is written; refuse at once if
+    another run holds it.
+
+    Two runs writing the same `.part` file interleave their tensors, and the one that renames last
+    reports success over a file that matches neither (issue #18). flock, not the file's presence,
+    is the lock: the kernel drops it when its holder dies, even by SIGKILL, so a killed run's
+    leftover lock file never blocks the resume. The holder writes its pid into the file for the
+    message, and removes the file when it is done (while still holding the lock; a run that locked
+    the file just as it was removed sees that the name now points elsewhere and tries again).
+    """
+    path = lock_path(Path(first))
+    if fcntl is None:  # no flock (Windows): no lock, as before
+        yield
+        return
+    check_directory(path)
+    check_replaceable(path, inputs=inputs)
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot create the lock file {path}: {e.strerror or e}; choose another -o") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OutputError(f"the lock file {path} is not a regular file; remove it or choose another -o")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise OutputError(f"cannot lock {path}: {e.strerror or e}; choose another -o") from None
+                raise OutputError(f"output {first} is being written by another ms4local run ({_holder(fd)}); "
+                                  "wait for it to finish, or stop it, or choose another -o") from None
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                continue  # locked a file its last holder had just removed: open the name again
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
+            return
+        finally:
+            os.close(fd)
+    raise OutputError(f"cannot lock {path}: it keeps being replaced; is another run starting? choose another -o")
+
+
+def _holder(fd: int) -> str:
+    """`pid N` of the run holding a lock file, from what it wrote (it may not have written it yet)."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return f"pid {text}"
+        time.sleep(0.01)
+    return "pid unknown"
 
 
 def layout(path: Path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None], tensors: list[OutTensor],
@@ -291,16 +410,30 @@ def write_gguf(
     force: bool = False,
     tensor_meta: Callable[[str], Any] | None = None,
     restore_meta: Callable[[str, Any], None] | None = None,
+    inputs: frozenset[FileId] = frozenset(),
 ) -> list[Path]:
     """Write a complete GGUF (or split set) at `path`, resuming a killed run of the same plan.
 
     `data(pending)` yields (tensor, encoded chunk) for the pending tensors, in order. A
     KeyboardInterrupt keeps the `.part` files and journal for the next run; any other failure
     removes them. `tensor_meta(name)` is stored with each finished tensor in the journal and handed
-    back through `restore_meta(name, meta)` for the tensors a resumed run skips. Returns the final paths.
+    back through `restore_meta(name, meta)` for the tensors a resumed run skips. The whole write
+    holds `output_lock`; no file it writes may be one of `inputs`. Returns the final paths.
     """
     shards = layout(Path(path), arch, add_metadata, tensors,
                     split_max_tensors=split_max_tensors, split_max_size=split_max_size)
+    check_replaceable(journal_path(shards[0].path), inputs=inputs)
+    with output_lock(shards[0].path, inputs=inputs):
+        return _write_locked(shards, path, data, progress, fingerprint=fingerprint, force=force,
+                             tensor_meta=tensor_meta, restore_meta=restore_meta, inputs=inputs)
+
+
+def _write_locked(shards: list[Shard], path: Path,
+                  data: Callable[[list[OutTensor]], Iterable[tuple[OutTensor, np.ndarray]]],
+                  progress: Progress | None, *, fingerprint: str, force: bool,
+                  tensor_meta: Callable[[str], Any] | None, restore_meta: Callable[[str, Any], None] | None,
+                  inputs: frozenset[FileId]) -> list[Path]:
+    """write_gguf's work, under the output lock: resume or start, write, rename."""
     journal = _Journal(journal_path(shards[0].path), shards, fingerprint)
     done = journal.completed()
     if restore_meta is not None:
@@ -310,13 +443,14 @@ def write_gguf(
         # Killed while renaming a complete set: finish the renames, first shard last.
         for s in reversed(shards):
             if part_path(s.path).exists():
+                check_replaceable(s.path, inputs=inputs)
                 os.replace(part_path(s.path), s.path)
         journal.path.unlink(missing_ok=True)
         _fsync_dir(shards[0].path.parent)
         return [s.path for s in shards]
     existing = sum(part_path(s.path).stat().st_size for s in shards if part_path(s.path).exists()) if done else 0
     for s in shards:
-        check_output(s.path, force=force, needed_bytes=max(0, sum(x.size for x in shards) - existing))
+        check_output(s.path, force=force, needed_bytes=max(0, sum(x.size for x in shards) - existing), inputs=inputs)
     order = [(i, t) for i, s in enumerate(shards) for t in s.tensors]
     total = sum(t.nbytes for _, t in order)
     files: list[io.BufferedRandom] = []

@@ -13,7 +13,9 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
+import time
 from collections import namedtuple
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import quantize.writer
 from conftest import BIN
 from quantize import convert
 from quantize.errors import (CheckpointError, ConfigError, MissingTensorError, OutputError, QuantizeError,
-                             ShapeError, UnsupportedArchitectureError, UnsupportedTypeError)
+                             ShapeError, UnsupportedArchitectureError, UnsupportedTypeError, VocabError)
 from quantize.synth import write_safetensors
 
 INDEX = "model.safetensors.index.json"
@@ -509,3 +511,233 @@ def test_declared_next_n_prediction_layers_are_skipped(work):
     edit_config(work[0], set_text(num_hidden_layers=1, num_nextn_predict_layers=1))
     res = convert(work[0], out=work[1] / "m.gguf", out_type="F16")
     assert not any(r.name.startswith("blk.1.") for r in res.rows)
+
+
+# --- safetensors data offsets (issue #18) ------------------------------------------------------------
+
+def rewrite_header(path: Path, edit) -> None:
+    """Apply `edit(header)` to a safetensors file's JSON header, keeping the data bytes as they are."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+
+
+def same_size_pair(header: dict) -> tuple[str, str]:
+    """Two tensors of the same dtype, shape and byte size (two norms), the second after the first."""
+    seen: dict[tuple, str] = {}
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1):
+        if name == "__metadata__":
+            continue
+        key = (info["dtype"], tuple(info["shape"]))
+        if key in seen:
+            return seen[key], name
+        seen[key] = name
+    raise AssertionError("no two tensors of the same shape")
+
+
+NORM = "language_model.model.norm.weight"
+
+
+def _into_header(h):  # offsets before the data start: the bytes of the JSON header itself
+    size = h[NORM]["data_offsets"][1] - h[NORM]["data_offsets"][0]
+    h[NORM]["data_offsets"] = [-size, 0]
+
+
+def _reversed(h):
+    begin, end = h[NORM]["data_offsets"]
+    h[NORM]["data_offsets"] = [end, begin]
+
+
+def _overlap(h):
+    first, second = same_size_pair(h)
+    h[second]["data_offsets"] = list(h[first]["data_offsets"])
+
+
+def _float_offsets(h):
+    h[NORM]["data_offsets"] = [float(x) for x in h[NORM]["data_offsets"]]
+
+
+@pytest.mark.parametrize("edit, words", [
+    pytest.param(_into_header, (NORM, "impossible data_offsets", "corrupt"), id="into-the-header"),
+    pytest.param(_reversed, (NORM, "impossible data_offsets", "corrupt"), id="begin-after-end"),
+    pytest.param(_overlap, ("overlap", "corrupt"), id="overlapping-tensors"),
+    pytest.param(_float_offsets, (NORM, "corrupt header entry"), id="float-offsets"),
+])
+def test_bad_data_offsets_are_refused(work, edit, words):
+    path = work[0] / "model.safetensors"
+    rewrite_header(path, edit)
+    expect(*work, CheckpointError, "model.safetensors", "re-download", *words)
+
+
+# --- never overwrite an input, a device or a pipe, even with --force (issue #18) ---------------------
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_output_inside_the_checkpoint_over_an_input_is_refused(work, name):
+    src, _ = work
+    before = listing(src)
+    with pytest.raises(OutputError) as info:
+        convert(src, out=src / name, out_type="F16", force=True)
+    msg = str(info.value)
+    assert str(src / name) in msg and "this run reads" in msg and "even with --force" in msg and "\n" not in msg
+    assert listing(src) == before
+
+
+@pytest.mark.parametrize("how", ["hardlink", "symlink"])
+def test_output_linked_to_an_input_is_refused(work, how):
+    src, out_dir = work
+    target = out_dir / "m.gguf"
+    (os.link if how == "hardlink" else os.symlink)(src / "model.safetensors", target)
+    before = listing(src)
+    with pytest.raises(OutputError, match="this run reads"):
+        convert(src, out=target, out_type="F16", force=True)
+    assert listing(src) == before and sorted(p.name for p in out_dir.iterdir()) == ["m.gguf"]
+
+
+def test_output_over_a_fifo_is_refused(work):
+    src, out_dir = work
+    fifo = out_dir / "m.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(OutputError, match="not a regular file.*even with --force"):
+        convert(src, out=fifo, out_type="F16", force=True)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and [p.name for p in out_dir.iterdir()] == ["m.gguf"]
+
+
+def test_cli_output_over_a_device_is_refused(ckpt, cli_env):
+    before = os.stat("/dev/null")
+    p = run_cli(["quantize", ckpt(), "--type", "F16", "-o", "/dev/null", "--force", "--no-mmproj"], cli_env)
+    assert_one_line(p, 1, "/dev/null", "not a regular file")
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+def test_requantize_over_its_own_input_is_refused(ckpt, gguf_file, tmp_path):
+    src = tmp_path / "in.gguf"
+    shutil.copyfile(gguf_file(ckpt(), "F16"), src)
+    link = tmp_path / "link.gguf"
+    os.link(src, link)
+    data = src.read_bytes()
+    for out in (src, link):
+        with pytest.raises(OutputError, match="this run reads"):
+            convert(src, out=out, out_type="Q8_0", force=True)
+    assert src.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == ["in.gguf", "link.gguf"]
+
+
+# --- the JSON files the converter reads: the right top-level type (issue #18) -------------------------
+
+@pytest.mark.parametrize("name, exc", [
+    ("config.json", ConfigError),
+    ("tokenizer.json", VocabError),
+    ("tokenizer_config.json", VocabError),
+    ("chat_template.json", VocabError),
+])
+@pytest.mark.parametrize("content", ["[]", "7", '"text"', "null"])
+def test_json_file_that_is_not_an_object(work, name, exc, content):
+    if name == "chat_template.json":  # read only when there is no chat_template.jinja
+        (work[0] / "chat_template.jinja").unlink(missing_ok=True)
+    (work[0] / name).write_text(content)
+    expect(*work, exc, name)
+
+
+def test_json_index_that_is_not_an_object(sharded):
+    (sharded[0] / INDEX).write_text("[]")
+    expect(*sharded, CheckpointError, INDEX, "re-download")
+
+
+@pytest.mark.parametrize("content", ["[]", '{"config": [], "vocab": []}', '{"config": {"default_num_special_tokens": 10}, '
+                                                                         '"vocab": [{"token_bytes": 5}]}'])
+def test_tekken_json_of_the_wrong_shape(ckpt, tmp_path, content):
+    src = tmp_path / "src"
+    shutil.copytree(ckpt(tokenizer="tekken"), src)
+    (src / "tekken.json").write_text(content)
+    (tmp_path / "out").mkdir()
+    expect(src, tmp_path / "out", VocabError, "tekken.json")
+
+
+@pytest.mark.parametrize("content", ['{"model": []}', '{"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [7]}'])
+def test_tokenizer_json_of_the_wrong_shape(work, content):
+    (work[0] / "tokenizer.json").write_text(content)
+    expect(*work, VocabError, "tokenizer.json")
+
+
+# --- a broken chat template is refused before anything is written (issue #18) ------------------------
+
+@pytest.mark.parametrize("template", ["{% if messages %}never closed", "{{ messages | no_such_filter }}", "{% endfor %}"])
+def test_broken_chat_template_is_named(work, template):
+    (work[0] / "chat_template.jinja").write_text(template)
+    expect(*work, VocabError, "chat_template.jinja", "does not compile")
+
+
+def test_broken_chat_template_in_tokenizer_config(work):
+    path = work[0] / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m.content }"
+    path.write_text(json.dumps(cfg))
+    expect(*work, VocabError, "tokenizer_config.json", "does not compile")
+
+
+def test_cli_broken_chat_template(ckpt, cli_env, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ckpt(), src)
+    (src / "chat_template.jinja").write_text("{% if x %}")
+    p = run_cli(["quantize", src, "--type", "F16", "-o", tmp_path / "m.gguf"], cli_env)
+    assert_one_line(p, 1, "chat_template.jinja", "does not compile")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+# --- a corrupt GGUF to re-quantize is refused before gguf-py or llama.cpp reads it (issue #18) --------
+
+def _gguf_kv(key: str, vtype: int, payload: bytes) -> bytes:
+    k = key.encode()
+    return len(k).to_bytes(8, "little") + k + vtype.to_bytes(4, "little") + payload
+
+
+def corrupt_gguf(kind: str, good: bytes) -> bytes:
+    le = lambda n, width=8: n.to_bytes(width, "little")  # noqa: E731
+    if kind == "big-endian":  # version 3 written big-endian, as a big-endian GGUF has it
+        return good[:4] + (3).to_bytes(4, "big") + good[8:]
+    if kind == "first-4-KB":
+        return good[:4096]
+    if kind == "half":
+        return good[:len(good) // 2]
+    if kind == "huge-tensor-count":
+        return good[:8] + le(1 << 62) + good[16:]
+    if kind == "huge-kv-count":
+        return good[:16] + le(1 << 62) + good[24:]
+    if kind == "huge-array":  # one key: an array of 2^60 uint32
+        return b"GGUF" + le(3, 4) + le(0) + le(1) + _gguf_kv("a", 9, le(4, 4) + le(1 << 60))
+    if kind == "huge-string":
+        return b"GGUF" + le(3, 4) + le(0) + le(1) + _gguf_kv("a", 8, le(1 << 60))
+    if kind == "array-of-arrays":  # 200,000 arrays of 2 arrays ... gguf-py walks them for minutes
+        inner = le(9, 4) + le(0)  # an empty array of arrays
+        return b"GGUF" + le(3, 4) + le(0) + le(1) + _gguf_kv("a", 9, le(9, 4) + le(200_000) + inner * 200_000)
+    raise ValueError(kind)
+
+
+CORRUPT = ["big-endian", "first-4-KB", "half", "huge-tensor-count", "huge-kv-count", "huge-array", "huge-string",
+           "array-of-arrays"]
+
+
+@pytest.mark.parametrize("kind", CORRUPT)
+def test_corrupt_gguf_is_refused_before_requantizing(ckpt, gguf_file, tmp_path, kind):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(corrupt_gguf(kind, Path(gguf_file(ckpt(), "F16")).read_bytes()))
+    out = tmp_path / "out"
+    out.mkdir()
+    start = time.monotonic()
+    with pytest.raises(CheckpointError) as info:
+        convert(bad, out=out / "m.gguf", out_type="Q8_0")
+    assert time.monotonic() - start < 30, "the refusal took long enough to be a walk over the corrupt counts"
+    msg = str(info.value)
+    assert "bad.gguf" in msg and "\n" not in msg, msg
+    assert list(out.iterdir()) == []
+
+
+def test_cli_half_a_gguf_is_truncated(ckpt, gguf_file, cli_env, tmp_path):
+    bad = tmp_path / "half.gguf"
+    bad.write_bytes(corrupt_gguf("half", Path(gguf_file(ckpt(), "F16")).read_bytes()))
+    p = run_cli(["quantize", bad, "--type", "Q8_0", "-o", tmp_path / "m.gguf"], cli_env)
+    assert_one_line(p, 1, "half.gguf", "truncated")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["half.gguf"]

@@ -290,3 +290,53 @@ def test_cli_maps_flags_onto_one_library_call(monkeypatch, files):
     assert calls == [(str(files["Q8_0"]), dict(vram=24 * GiB, ram=64 * 10**9, n_ctx=8192, type_k="q8_0", type_v="q8_0",
                                                 n_ubatch=256, flash_attn="on", gpu_bandwidth=936e9,
                                                 cpu_bandwidth=51.2e9))]
+
+
+# --- a truncated or corrupt file is an error, never a description (issue #18) -------------------------
+
+@pytest.mark.parametrize("keep", [0.5, 0.99], ids=["half", "all-but-1%"])
+def test_cli_truncated_file_says_truncated(files, cli_env, tmp_path, keep):
+    data = files["Q8_0"].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    p = run("info", str(cut), env=cli_env)
+    assert p.returncode == 1 and p.stdout == "", (p.returncode, p.stdout[-500:])
+    line = p.stderr.strip()
+    assert line.startswith("error:") and "\n" not in line and "Traceback" not in p.stderr, p.stderr
+    assert "cut.gguf" in line and "truncated" in line and "extends past the end" in line, line
+
+
+def test_cli_corrupt_headers_fail_at_once(files, cli_env, tmp_path):
+    """The header faults that send gguf-py into an IndexError or a minutes-long walk: one line, exit 1."""
+    from test_convert_errors import CORRUPT, corrupt_gguf
+
+    good = files["F16"].read_bytes()
+    for kind in CORRUPT:
+        bad = tmp_path / f"{kind}.gguf"
+        bad.write_bytes(corrupt_gguf(kind, good))
+        start = time.monotonic()
+        p = run("info", str(bad), env=cli_env)
+        assert time.monotonic() - start < 60, kind
+        assert p.returncode == 1 and p.stderr.startswith("error:") and "Traceback" not in p.stderr, (kind, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1, (kind, p.stderr)
+
+
+@pytest.mark.parametrize("key, value", [("mistral4.block_count", "abc"), ("mistral4.attention.head_count", 2.5),
+                                        ("general.file_type", "Q4"), ("tokenizer.chat_template", 7),
+                                        ("mistral4.expert_gating_func", [1, 2])])
+def test_cli_metadata_of_the_wrong_type(cli_env, tmp_path, key, value):
+    """A count that is a string, a float or a list: one line and exit 1, not a ValueError from the planner."""
+    from gguf import GGUFWriter
+
+    path = tmp_path / "weird.gguf"
+    w = GGUFWriter(str(path), "mistral4")
+    {str: w.add_string, float: w.add_float32, int: w.add_uint32, list: w.add_array}[type(value)](key, value)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for extra in ([], ["--vram", "1G", "--bandwidth", "CPU=20"]):
+        p = run("info", str(path), *extra, env=cli_env)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-1500:]
+        assert p.stderr.startswith("error:") and key in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -39,7 +40,7 @@ import pytest
 from conftest import BIN, ROOT
 from quantize import convert
 from quantize.synth import TinySpec, make_checkpoint
-from quantize.writer import journal_path
+from quantize.writer import journal_path, lock_path, output_lock
 
 # test_quantize.KQ: every ne0 a multiple of 256, so Q4_K_M really writes K-quants (the session-scoped
 # `ckpt` fixture generates it once for both modules). 64 tensors, ~1.4 s at one thread, the expert
@@ -243,7 +244,8 @@ def test_killed_after_n_tensors_resumes(src, clean, out_dir, tmp_path, split, wh
     killed = run(src, plan, tmp_path, kill_after=int(where * len(plan.names)), split=split)
     k = killed.journal_tensors
     parts = sorted(p.name for p in out_dir.iterdir())
-    assert parts == sorted([f.name + ".part" for f in plan.files] + [plan.journal.name])
+    # SIGKILL leaves the lock file too (not the lock: the kernel drops that), which the rerun takes over.
+    assert parts == sorted([f.name + ".part" for f in plan.files] + [plan.journal.name, lock_path(plan.files[0]).name])
 
     rerun = run(src, plan, tmp_path, split=split)
     assert_resumed_at(rerun, plan, k)
@@ -386,3 +388,97 @@ def test_report_of_a_resumed_run_covers_every_tensor(src, clean, out_dir, tmp_pa
     got = json.loads((out_dir / "m.quant.json").read_text())
     assert sorted(got["tensors"]) == sorted(want["tensors"])
     assert got == want
+
+
+# --- (f) two runs to the same output at once: the second one stops (issue #18) ------------------------
+
+# The first of two runs: the real convert, paused inside its first progress report (so while it holds
+# the output and has written part of it) until the test creates the gate file.
+PAUSED = textwrap.dedent("""
+    import os, sys, time
+    from quantize import convert
+
+    src, out, out_type, gate = sys.argv[1:]
+
+    def wait(done, total, name):
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+
+    convert(src, out=out, out_type=out_type, threads=1, progress=wait)
+""")
+
+
+def test_second_run_to_the_same_output_is_refused_while_the_first_writes(src, clean, out_dir, tmp_path, cli_env):
+    """Two `ms4local quantize` runs to one -o used to interleave their tensors in the same `.part`; one
+    said "wrote" over a file that matched neither. Now the second fails at once, naming the first's
+    pid (with --force too), and the first finishes a file byte-identical to a clean run's."""
+    reference = clean(0)
+    plan = plan_of(src, out_dir / "m.gguf")
+    gate = tmp_path / "go-on"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED, str(src), str(plan.out), TYPE, str(gate)], cwd=ROOT,
+                             stderr=subprocess.PIPE, env=cli_env)
+    part = plan.out.with_name(plan.out.name + ".part")
+    deadline = time.monotonic() + TIMEOUT
+    while not (part.exists() and part.stat().st_size > 0 and lock_path(plan.out).exists()):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read().decode()[-2000:]
+        time.sleep(POLL)
+    cmd = [str(BIN / "ms4local"), "quantize", str(src), "--type", TYPE, "-o", str(plan.out), "-t", "1"]
+    try:
+        for extra in ([], ["--force"]):
+            second = subprocess.run(cmd + extra, capture_output=True, text=True, env=cli_env, timeout=TIMEOUT)
+            lines = second.stderr.strip().splitlines()
+            assert second.returncode == 1 and len(lines) == 1, second.stderr
+            assert lines[0].startswith("error: ") and f"pid {first.pid}" in lines[0] and "another" in lines[0], lines[0]
+            assert first.poll() is None
+    finally:
+        gate.touch()
+        err = first.communicate(timeout=TIMEOUT)[1].decode()
+    assert first.returncode == 0, err[-2000:]
+    assert_complete(plan, reference)  # also: no lock file left behind
+
+
+def test_a_killed_runs_lock_file_does_not_block_the_resume(src, clean, out_dir, tmp_path):
+    """SIGKILL leaves the lock file (nothing can remove it) but not the lock (the kernel drops it):
+    the next run takes it over and resumes."""
+    reference = clean(0)
+    plan = plan_of(src, out_dir / "m.gguf")
+    killed = run(src, plan, tmp_path, kill_after=len(plan.names) // 2)
+    assert lock_path(plan.files[0]).exists(), "the killed run left no lock file: nothing was tested"
+    rerun = run(src, plan, tmp_path)
+    assert_resumed_at(rerun, plan, killed.journal_tensors)
+    assert_complete(plan, reference)
+
+
+def test_requantize_refuses_an_output_another_run_holds(src, gguf_file, out_dir, cli_env):
+    """The GGUF → GGUF route takes the same lock: held here by this test process, as a run would."""
+    source = gguf_file(src, "F16")
+    with output_lock(out_dir / "m.gguf"):
+        p = subprocess.run([str(BIN / "ms4local"), "quantize", str(source), "--type", "Q8_0", "-o",
+                            str(out_dir / "m.gguf")], capture_output=True, text=True, env=cli_env, timeout=TIMEOUT)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and f"pid {os.getpid()}" in lines[0], p.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def test_ctrl_c_while_requantizing_a_gguf_promises_no_resume(src, gguf_file, out_dir, cli_env):
+    """llama.cpp's quantizer has no journal: Ctrl-C must say the run starts over, leave nothing, and
+    stop at once (the child is killed, not waited for)."""
+    source = gguf_file(src, "F16")
+    out = out_dir / "m.gguf"
+    # As a terminal delivers Ctrl-C: SIGINT to the whole foreground group, which starts at SIGINT's default.
+    proc = subprocess.Popen([str(BIN / "ms4local"), "quantize", str(source), "--type", TYPE, "-o", str(out), "-t", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + TIMEOUT
+    while not lock_path(out).exists():  # the parent holds the output: llama.cpp's child is starting
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(POLL)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        err = proc.communicate(timeout=TIMEOUT)[1].decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "cannot resume" in err and "starts over" in err, err
+    assert "resume from the last complete tensor" not in err, err
+    assert list(out_dir.iterdir()) == []

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 import quantize as converter
-from quantize.convert import count_params
+from quantize.convert import count_params, is_gguf_source
 from quantize.policy import FILE_TYPES
 from quantize.units import parse_size
 
@@ -47,11 +47,13 @@ def quantize(
         help="After writing, measure perplexity and KL divergence against this GGUF (as `ms4local eval --reference`).")] = None,
     eval_ctx: Annotated[int, typer.Option("--eval-ctx", help="Context size of the --eval-against chunks.")] = 512,
     eval_chunks: Annotated[int, typer.Option("--eval-chunks", help="Chunks scored by --eval-against (0: all).")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file (never an input of the run, "
+                                                        "never a device or pipe).")] = False,
 ) -> None:
     """Convert a Mistral Small 4 checkpoint (FP8/BF16/F16/F32 safetensors) to GGUF, in one pass.
 
-    A killed run resumes when the same command is run again."""
+    A killed checkpoint conversion resumes when the same command is run again; two runs never write the
+    same output at once (the second one stops with the first one's pid)."""
     kwargs = dict(out=output, out_type=out_type, policy=policy, tensor_types=tensor_type or [], threads=threads,
                   split_max_tensors=split_max_tensors, split_max_size=parse_size(split_max_size) if split_max_size else 0,
                   mmproj=not no_mmproj, mmproj_type=mmproj_type, mmproj_only=mmproj_only)
@@ -79,7 +81,11 @@ def quantize(
         with ui.byte_progress(out_type.upper()) as progress:
             result = converter.convert(src, force=force, progress=progress, **kwargs)
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume from the last complete tensor", file=sys.stderr)
+        if is_gguf_source(src):  # llama.cpp's quantizer writes in one go: nothing to resume from
+            print("interrupted: re-quantizing a GGUF cannot resume; nothing was kept, and the same command "
+                  "starts over", file=sys.stderr)
+        else:
+            print("interrupted: run the same command again to resume from the last complete tensor", file=sys.stderr)
         raise
     elapsed = time.monotonic() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
