@@ -92,11 +92,13 @@ def check_text(**flags: str | None) -> None:
                                "pass text in UTF-8") from None
 
 
-def max_tokens(n: int, ctx_size: int) -> int:
-    """-n as llama.cpp reads it: a count, or -1 for "until the context is full" (the context
-    bounds every answer, so that is -c tokens at most)."""
+UNTIL_FULL = 2**31 - 1  # -n -1: generation stops at the end of the context (which llama.cpp may pad above -c)
+
+
+def max_tokens(n: int) -> int:
+    """-n as llama.cpp reads it: a count, or -1 for "until the context is full"."""
     if n == -1:
-        return ctx_size
+        return UNTIL_FULL
     if n < 0:
         raise OptionsError(f"-n/--max-tokens must be a number of tokens or -1 (until the context is full), got {n}")
     return n
