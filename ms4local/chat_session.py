@@ -382,7 +382,11 @@ class ChatSession:
     sampling: Callable[[str], Sampling] = default_sampling
     history: list[dict[str, Any]] = field(default_factory=list)
     pending_images: list[str] = field(default_factory=list)
-    last_prompt: str | None = None
+    # What the last turn sent (messages, effort); its text is rendered only when /prompt asks, since
+    # a loaded history of thousands of messages takes seconds to render and the engine renders
+    # only the turns it keeps.
+    _sent: tuple[list[dict[str, Any]], str] | None = field(default=None, repr=False)
+    _sent_text: str | None = field(default=None, repr=False)
     last_turn: Turn | None = None
     generated_tokens: int = 0  # by this session since the last /reset or /load
 
@@ -391,6 +395,14 @@ class ChatSession:
             raise SessionError(f"reasoning effort must be none or high, got {self.reasoning_effort!r}")
 
     # ------------------------------------------------------------------------------- views
+    @property
+    def last_prompt(self) -> str | None:
+        """The prompt text of the last turn, as the model was sent it (the dropped turns left out)."""
+        if self._sent is not None and self._sent_text is None:
+            messages, effort = self._sent
+            self._sent_text = self.engine.render(messages, reasoning_effort=effort)
+        return self._sent_text
+
     @property
     def messages(self) -> list[dict[str, Any]]:
         """The conversation as saved: the system prompt first, then the turns (with their marks)."""
@@ -449,7 +461,6 @@ class ChatSession:
         self.history.append(user)
         messages = self.model_messages()
         try:
-            self.last_prompt = self.engine.render(messages, reasoning_effort=self.reasoning_effort)
             events = self.engine.chat(messages, self.sampling(self.reasoning_effort),
                                       reasoning_effort=self.reasoning_effort)
         except BaseException:
@@ -459,9 +470,7 @@ class ChatSession:
         turn.dropped = int(getattr(events, "dropped_messages", 0) or 0)
         if turn.dropped:
             notices.append(dropped_notice(turn.dropped))
-            # What the model was sent; /prompt shows it.
-            self.last_prompt = self.engine.render(without_oldest(messages, turn.dropped),
-                                                  reasoning_effort=self.reasoning_effort)
+        self._sent, self._sent_text = (without_oldest(messages, turn.dropped), self.reasoning_effort), None
         self.last_turn = turn
         return turn
 
@@ -574,7 +583,7 @@ class ChatSession:
         """Forget the turns; the system prompt and reasoning effort stay."""
         self.history.clear()
         self.pending_images.clear()
-        self.last_prompt = None
+        self._sent, self._sent_text = None, None
         self.last_turn = None
         self.generated_tokens = 0
 
