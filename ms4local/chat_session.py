@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,15 +35,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .engine import Delta, Done, Sampling
-from .errors import Ms4localError
+from .errors import Ms4localError, PromptError
 from .images import check_image
-from .prompt import REASONING_EFFORTS
+from .prompt import REASONING_EFFORTS, check_messages, read_json
 from .stream import MalformedToolCall, ToolCall
 
 FILE_FORMAT = "ms4local-chat"
 FILE_VERSION = 1
+# How every file written by `save` starts (json.dumps with indent=2, "format" first): a file that
+# starts so is a conversation the user saved, which /save may update without --force.
+SAVED_PREFIX = ('{\n  "format": "' + FILE_FORMAT + '"').encode()
 IMAGE_NOTICE = "images need the model's vision projector (an mmproj-*.gguf beside the model, or --mmproj)"
-ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class SessionError(Ms4localError):
@@ -76,7 +80,9 @@ _SPECS = [
                 "optional"),
     CommandSpec("image", "/image PATH", "attach an image to your next message", "required"),
     CommandSpec("reset", "/reset", "forget the conversation (keeps the system prompt and reasoning effort)", "none"),
-    CommandSpec("save", "/save FILE", "write the conversation, system prompt and reasoning effort as JSON", "required"),
+    CommandSpec("save", "/save [--force] FILE",
+                "write the conversation, system prompt and reasoning effort as JSON; an existing file is "
+                "replaced only if /save wrote it, or with --force (never the model)", "required"),
     CommandSpec("load", "/load FILE", "replace the conversation with one saved by /save (or a messages JSON)",
                 "required"),
     CommandSpec("prompt", "/prompt", "show the last prompt sent to the model, as text, with its token count", "none"),
@@ -88,8 +94,9 @@ _SPECS = [
 COMMANDS: dict[str, CommandSpec] = {s.name: s for s in _SPECS}
 
 HELP_FOOTER = ('A line ending with \\ continues on the next line; """ starts and ends a block of several lines. '
-               "Start a message with // to send text that begins with /. Ctrl-C stops an answer and keeps "
-               "what was written so far.")
+               "Start a message with // to send text that begins with /. Quote a path that holds spaces, as "
+               "in a shell: /image \"my cat.png\". Ctrl-C stops an answer and keeps what was written so far. "
+               "When the context is full, the oldest turns are dropped (never the system prompt), with a notice.")
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,23 @@ def parse_input(text: str) -> Command | str | None:
     if name == "think" and arg and arg.lower() not in REASONING_EFFORTS:
         raise SessionError(f"usage: /think [high|none], got {arg!r}")
     return Command(name, arg.lower() if name == "think" else arg)
+
+
+def path_argument(command: Command, *, flags: tuple[str, ...] = ()) -> tuple[str, set[str]]:
+    """The one path a command takes, read with shell quoting (`/image "my cat.png"`), and the
+    `flags` given before it. Raises SessionError (the usage) for none, several or an unknown flag."""
+    spec = COMMANDS[command.name]
+    try:
+        words = shlex.split(command.arg)
+    except ValueError as e:  # an unbalanced quote
+        raise SessionError(f"usage: {spec.usage} ({str(e).lower()})") from None
+    given = set()
+    while words and words[0] in flags:
+        given.add(words.pop(0))
+    if len(words) != 1:
+        hint = " (quote a path that holds spaces)" if len(words) > 1 else ""
+        raise SessionError(f"usage: {spec.usage}{hint}")
+    return words[0], given
 
 
 class InputAssembler:
@@ -212,6 +236,7 @@ class Turn:
         self.tool_calls: list[ToolCall | MalformedToolCall] = []  # what the model asked to call
         self._stop = False
         self._iter: Iterator[Delta] | None = None
+        self.dropped = 0  # oldest non-system messages the engine left out to fit the context
 
     @property
     def reasoning(self) -> str:
@@ -296,6 +321,21 @@ class Turn:
 
 
 # ----------------------------------------------------------------------------------- session
+def _same_file(a: Path, b: str | os.PathLike[str]) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _head(path: Path, n: int = 64) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
 @dataclass
 class SessionStats:
     turns: int
@@ -305,6 +345,22 @@ class SessionStats:
     reasoning_effort: str
     system: bool
     pending_images: int
+
+
+def without_oldest(messages: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """`messages` less the `count` oldest non-system ones (what `Engine.chat` leaves out)."""
+    kept = []
+    for m in messages:
+        if count and m.get("role") not in ("system", "developer"):
+            count -= 1
+            continue
+        kept.append(m)
+    return kept
+
+
+def dropped_notice(count: int) -> str:
+    return (f"the context is full: the oldest {count} message{'s were' if count > 1 else ' was'} "
+            "dropped (the system prompt is kept)")
 
 
 def default_sampling(effort: str) -> Sampling:
@@ -326,7 +382,11 @@ class ChatSession:
     sampling: Callable[[str], Sampling] = default_sampling
     history: list[dict[str, Any]] = field(default_factory=list)
     pending_images: list[str] = field(default_factory=list)
-    last_prompt: str | None = None
+    # What the last turn sent (messages, effort); its text is rendered only when /prompt asks, since
+    # a loaded history of thousands of messages takes seconds to render and the engine renders
+    # only the turns it keeps.
+    _sent: tuple[list[dict[str, Any]], str] | None = field(default=None, repr=False)
+    _sent_text: str | None = field(default=None, repr=False)
     last_turn: Turn | None = None
     generated_tokens: int = 0  # by this session since the last /reset or /load
 
@@ -335,6 +395,14 @@ class ChatSession:
             raise SessionError(f"reasoning effort must be none or high, got {self.reasoning_effort!r}")
 
     # ------------------------------------------------------------------------------- views
+    @property
+    def last_prompt(self) -> str | None:
+        """The prompt text of the last turn, as the model was sent it (the dropped turns left out)."""
+        if self._sent is not None and self._sent_text is None:
+            messages, effort = self._sent
+            self._sent_text = self.engine.render(messages, reasoning_effort=effort)
+        return self._sent_text
+
     @property
     def messages(self) -> list[dict[str, Any]]:
         """The conversation as saved: the system prompt first, then the turns (with their marks)."""
@@ -393,13 +461,16 @@ class ChatSession:
         self.history.append(user)
         messages = self.model_messages()
         try:
-            self.last_prompt = self.engine.render(messages, reasoning_effort=self.reasoning_effort)
             events = self.engine.chat(messages, self.sampling(self.reasoning_effort),
                                       reasoning_effort=self.reasoning_effort)
         except BaseException:
             self.history.pop()
             raise
         turn = Turn(self, user, iter(events), notices)
+        turn.dropped = int(getattr(events, "dropped_messages", 0) or 0)
+        if turn.dropped:
+            notices.append(dropped_notice(turn.dropped))
+        self._sent, self._sent_text = (without_oldest(messages, turn.dropped), self.reasoning_effort), None
         self.last_turn = turn
         return turn
 
@@ -427,6 +498,16 @@ class ChatSession:
         self.history.append(answer)
         turn.committed = True
         self.generated_tokens += turn.generated
+        dropped = turn.done.dropped_messages if turn.done is not None else 0
+        if dropped and not turn.dropped:  # an engine that tells only at the end
+            turn.dropped = dropped
+            turn.notices.append(dropped_notice(dropped))
+        self._drop_oldest(turn.dropped)
+
+    def _drop_oldest(self, count: int) -> None:
+        """Forget the `count` oldest non-system messages, as the engine left them out of the prompt:
+        the next prompt then starts as this one did, and the engine reuses its KV cache."""
+        self.history[:] = without_oldest(self.history, count)
 
     # ------------------------------------------------------------------------------- commands
     def execute(self, command: Command) -> Reply:
@@ -442,23 +523,27 @@ class ChatSession:
             self.system = None if arg == "--clear" else arg
             return Reply("info", "system prompt set" if self.system else "system prompt removed")
         if name == "image":
-            return self.add_image(arg)
+            return self.add_image(path_argument(command)[0])
         if name == "reset":
             self.reset()
             return Reply("info", "conversation cleared" + (" (system prompt kept)" if self.system else ""))
         if name == "save":
-            path = self.save(arg)
+            target, flags = path_argument(command, flags=("--force",))
+            path = self.save(target, force="--force" in flags)
             return Reply("info", f"saved {len(self.messages)} messages to {path}")
         if name == "load":
-            path = self.load(arg)
+            path = self.load(path_argument(command)[0])
             return Reply("info", f"loaded {len(self.messages)} messages from {path} "
                                  f"(reasoning effort {self.reasoning_effort})")
         if name == "prompt":
             return self.prompt_reply()
         if name == "stats":
             s = self.stats()
-            ctx = f"{s.context_tokens}/{s.n_ctx}" if s.n_ctx else str(s.context_tokens)
-            return Reply("stats", f"{s.turns} turn{'' if s.turns == 1 else 's'} · {s.generated_tokens} tokens generated · context {ctx} tokens · "
+            ctx = f"context {s.context_tokens}/{s.n_ctx} tokens" if s.n_ctx else f"context {s.context_tokens} tokens"
+            if s.n_ctx and s.context_tokens > s.n_ctx:  # a loaded conversation, before its first turn
+                ctx = (f"conversation {s.context_tokens} tokens, more than the context of {s.n_ctx}: "
+                       "the oldest turns are dropped at the next message")
+            return Reply("stats", f"{s.turns} turn{'' if s.turns == 1 else 's'} · {s.generated_tokens} tokens generated · {ctx} · "
                                   f"reasoning effort {s.reasoning_effort} · system prompt {'set' if s.system else 'none'}"
                                   + (f" · {s.pending_images} pending images" if s.pending_images else ""))
         if name == "help":
@@ -498,7 +583,7 @@ class ChatSession:
         """Forget the turns; the system prompt and reasoning effort stay."""
         self.history.clear()
         self.pending_images.clear()
-        self.last_prompt = None
+        self._sent, self._sent_text = None, None
         self.last_turn = None
         self.generated_tokens = 0
 
@@ -507,9 +592,18 @@ class ChatSession:
         return {"format": FILE_FORMAT, "version": FILE_VERSION, "reasoning_effort": self.reasoning_effort,
                 "messages": self.messages}
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the conversation atomically (a crash never leaves half a file)."""
+    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write the conversation atomically (a temporary file renamed over the target, so a crash
+        never leaves half a file).
+
+        A chat user types `/save NAME` without looking first, so an existing file is kept unless
+        it is a conversation that /save wrote (saving again updates it) or `force` is given; the
+        model and projector the engine runs on, a GGUF, and anything that is not a regular file
+        are never replaced, force or not.
+        """
         target = Path(path).expanduser()
+        if target.exists() or target.is_symlink():
+            self._check_replaceable(target, path, force)
         data = json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n"
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
@@ -527,6 +621,27 @@ class ChatSession:
             raise SessionError(f"cannot write {path}: {e.strerror or e}") from None
         return target
 
+    def _check_replaceable(self, target: Path, path: str | os.PathLike[str], force: bool) -> None:
+        """Raise SessionError unless `target` (which exists) may be replaced by a save."""
+        try:
+            st = target.stat()
+        except OSError as e:  # a dangling link, a loop, no permission
+            raise SessionError(f"{path} exists and cannot be read ({e.strerror or e}); choose another name") from None
+        if not stat.S_ISREG(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise SessionError(f"{path} is {what}; choose a file name")
+        for name in ("path", "mmproj"):
+            used = getattr(self.engine, name, None)
+            if used is not None and _same_file(target, used):
+                raise SessionError(f"{path} is the {'model' if name == 'path' else 'vision projector'} this chat "
+                                   "runs on; choose another name")
+        head = _head(target)
+        if head.startswith(b"GGUF"):
+            raise SessionError(f"{path} is a GGUF model file; choose another name")
+        if not force and not head.startswith(SAVED_PREFIX):
+            raise SessionError(f"{path} exists and is not a conversation saved by /save; "
+                               f"/save --force {shlex.quote(str(path))} replaces it")
+
     def load(self, path: str | os.PathLike[str]) -> Path:
         """Replace the conversation with a saved one; on any problem nothing changes.
 
@@ -536,26 +651,18 @@ class ChatSession:
         """
         source = Path(path).expanduser()
         try:
-            data = json.loads(source.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise SessionError(f"cannot read {path}: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise SessionError(f"{path} is not UTF-8 text") from None
-        except json.JSONDecodeError as e:
-            raise SessionError(f"{path} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
-        effort = self.reasoning_effort
-        if isinstance(data, dict):
-            if "messages" not in data:
-                raise SessionError(f"{path} has no \"messages\"; save a conversation with /save")
-            effort = data.get("reasoning_effort", effort)
-            data = data["messages"]
-        if effort not in REASONING_EFFORTS:
-            raise SessionError(f"{path}: reasoning_effort must be none or high, got {effort!r}")
-        if not isinstance(data, list):
-            raise SessionError(f"{path}: \"messages\" must be a list")
-        for i, m in enumerate(data):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise SessionError(f"{path}: message {i + 1} must be an object whose role is one of {', '.join(ROLES)}")
+            data = read_json(source, "conversation")
+            effort = self.reasoning_effort
+            if isinstance(data, dict):
+                if "messages" not in data:
+                    raise SessionError(f"{path} has no \"messages\"; save a conversation with /save")
+                effort = data.get("reasoning_effort", effort)
+                data = data["messages"]
+            if effort not in REASONING_EFFORTS:
+                raise SessionError(f"{path}: reasoning_effort must be none or high, got {effort!r}")
+            check_messages(data, str(path))
+        except PromptError as e:
+            raise SessionError(str(e)) from None
         messages = [dict(m) for m in data]
         system = None
         if messages and messages[0]["role"] == "system" and isinstance(messages[0].get("content"), str):

@@ -37,7 +37,7 @@ from .errors import ContextError, ImageError, ModelLoadError, Ms4localNotice, Op
 from .grammar import check_grammar, check_schema, integer_bounds, integer_rule
 from .images import DEFAULT_MAX_TOKENS, REFERENCE_SIDE, image_parts, load_image, part_source, prepare_bytes, read_source
 from .placement import (CACHE_TYPES, DEFAULT_HEADROOM, EXPERTS_REGEX, ModelInfo, Plan, expert_overrides,
-                        plan, read_model, read_vocab)
+                        kv_cache_bytes, plan, read_model, read_vocab)
 from .prompt import image_order, render, render_marked
 from .stream import (ContentDelta, End, MalformedToolCall, ReasoningDelta, StreamParser, Tags, ToolCall,
                      ToolCallDelta)
@@ -188,6 +188,8 @@ class EngineOptions:
         """Raise OptionsError for values llama.cpp would reject or misread (no model needed)."""
         if self.ctx_size < 1:
             raise OptionsError(f"-c/--ctx-size must be at least 1, got {self.ctx_size}")
+        if self.ctx_size > MAX_CTX:  # llama.cpp's n_ctx is a uint32: a larger value would wrap
+            raise OptionsError(f"-c/--ctx-size must be at most {MAX_CTX}, got {self.ctx_size}")
         if self.batch_size < 1 or self.ubatch_size < 1:
             raise OptionsError("-b/--batch-size and -ub/--ubatch-size must be at least 1")
         if self.threads is not None and self.threads < 1:
@@ -218,7 +220,67 @@ class EngineOptions:
             raise OptionsError("--fit chooses -ngl and the expert placement itself; drop -ngl/--cpu-moe/"
                                "--n-cpu-moe/-ot, or pass --no-fit to place tensors by hand")
 
+    def check_model(self, info: ModelInfo, memory: int | None) -> list[str]:
+        """Judge -c against the model's header before llama.cpp allocates anything; notices to show.
 
+        Above the training context (`<arch>.context_length`) is a notice, as llama.cpp warns and
+        goes on (quality past it is the user's risk, not an error). A KV cache larger than
+        `memory` (free RAM and GPU memory, bytes; None: unknown) is an OptionsError that names
+        the size and a -c that fits, instead of minutes of loading and then `std::bad_alloc`.
+        """
+        notices = []
+        train = info.key("context_length")
+        if isinstance(train, int) and 0 < train < self.ctx_size:
+            notices.append(f"-c {self.ctx_size} is above the {train} tokens {info.path.name} was trained for; "
+                           "answers may degrade past that length")
+        if memory is None or info.n_layer < 1:
+            return notices
+        need = kv_cache_bytes(info, self.ctx_size, self.type_k, self.type_v)
+        if need > memory:
+            per_token = max(1, kv_cache_bytes(info, 1 << 16, self.type_k, self.type_v) >> 16)
+            fits = memory // per_token // 1024 * 1024
+            suggest = min(fits, train) if isinstance(train, int) and train > 0 else fits
+            hint = f"; try -c {suggest}" if suggest >= 1024 else "; free some memory or use a smaller model"
+            raise OptionsError(f"-c {self.ctx_size} needs a {_size(need)} KV cache (-ctk {self.type_k}), "
+                               f"more than the {_size(memory)} of free RAM and GPU memory{hint}")
+        return notices
+
+
+def check_model_path(path: str | os.PathLike[str]) -> None:
+    """Raise ModelLoadError unless `path` is a file; a directory is named as one, with the GGUF
+    files it holds, since `chat models/` is the likely slip."""
+    p = Path(path)
+    if p.is_file():
+        return
+    if not p.is_dir():
+        raise ModelLoadError(f"model file {path} does not exist")
+    ggufs = sorted(f.name for f in p.glob("*.gguf") if not f.name.startswith("mmproj"))
+    if not ggufs:
+        raise ModelLoadError(f"{path} is a directory with no .gguf file in it; give the model's GGUF file")
+    shown = ", ".join(ggufs[:5]) + (f" and {len(ggufs) - 5} more" if len(ggufs) > 5 else "")
+    raise ModelLoadError(f"{path} is a directory, not a model; give one of its GGUF files: {shown}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def free_ram() -> int | None:
+    """Bytes of RAM available to a new allocation (Linux MemAvailable; elsewhere sysconf), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+MAX_CTX = 2**32 - 256  # llama.cpp's uint32 n_ctx, rounded up to its 256-cell padding
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 QUANTIZED_KV = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
 
@@ -313,6 +375,30 @@ class Done:
 
 
 Event = Union[Delta, ToolCallDelta, ToolCall, MalformedToolCall, Done]
+
+
+class ChatStream:
+    """The events of `Engine.chat`, with `dropped_messages` known before the first one (a caller
+    that stops the answer early never sees `Done`, yet must trim its history the same way)."""
+
+    def __init__(self, events: Iterator[Event], dropped_messages: int) -> None:
+        self._events = events
+        self.dropped_messages = dropped_messages
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> Event:
+        event = next(self._events)
+        if isinstance(event, Done) and self.dropped_messages:
+            return replace(event, dropped_messages=self.dropped_messages)
+        return event
+
+    def close(self) -> None:
+        """Close the generator (the engine's tokens and KV cache then agree)."""
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
 
 
 def _is_system(message: dict[str, Any]) -> bool:
@@ -479,6 +565,14 @@ def place(model_path: str | os.PathLike[str], options: EngineOptions, info: Mode
     opts.check()
     gpus = gpu_devices()
     notices: list[str] = []
+    try:
+        info = info or read_model(model_path)
+    except ModelLoadError:
+        info = None  # llama.cpp's own reason is the one to show, at load
+    if info is not None:
+        ram = free_ram()
+        memory = None if ram is None else ram + sum(d.free for d in gpus)
+        notices += opts.check_model(info, memory)
     if not gpus:
         flags = [flag for flag, on in (("-ngl", opts.n_gpu_layers not in (None, 0)), ("--cpu-moe", opts.cpu_moe),
                                        ("--n-cpu-moe", opts.n_cpu_moe > 0), ("--fit", bool(opts.fit)),
@@ -650,8 +744,7 @@ class Engine:
         self._images: OrderedDict[bytes, _ImageEntry] = OrderedDict()  # by sha256 of the image bytes
         self._image_serials: dict[int, _ImageEntry] = {}
         self._serial = itertools.count()
-        if not self.path.is_file():
-            raise ModelLoadError(f"model file {self.path} does not exist")
+        check_model_path(self.path)
         opts.check()
         info = None
         self.placement = Placement(opts)
@@ -1339,58 +1432,105 @@ class Engine:
         )
 
     def chat(self, messages: list[dict[str, Any]], sampling: Sampling | None = None, *,
-             reasoning_effort: str | None = None, tools: list[dict[str, Any]] | None = None) -> Iterator[Event]:
+             reasoning_effort: str | None = None, tools: list[dict[str, Any]] | None = None) -> ChatStream:
         """Render the conversation with the GGUF's template and stream the answer.
 
         When the conversation no longer fits, the oldest turns are left out (system messages
-        never are) and `Done.dropped_messages` says how many non-system messages from the start
-        were dropped. A caller that drops the same messages from its history keeps the prompt
-        prefix stable, so the next turn reuses the KV cache instead of evaluating everything.
+        never are) and `dropped_messages`, on the returned stream at once and on its `Done`, says
+        how many non-system messages from the start were dropped. A caller that drops the same
+        messages from its history keeps the prompt prefix stable, so the next turn reuses the KV
+        cache instead of evaluating everything.
         """
         s = sampling or Sampling()
         prompt, dropped = self._fit_conversation(messages, s, reasoning_effort, tools)
-        stream = self.generate(prompt, s)
-        if not dropped:
-            return stream
-        return (replace(e, dropped_messages=dropped) if isinstance(e, Done) else e for e in stream)
+        return ChatStream(self.generate(prompt, s), dropped)
 
     def _fit_conversation(self, messages: list[dict[str, Any]], s: Sampling, reasoning_effort: str | None,
                           tools: list[dict[str, Any]] | None) -> tuple[list[int], int]:
-        """The prompt ids, dropping whole turns from the oldest until it fits; (ids, messages dropped).
+        """The prompt ids, dropping whole turns from the oldest when it does not fit; (ids, messages dropped).
 
         "Fits" leaves room to answer: min(max_tokens, n_ctx/4) tokens. A turn starts at a user
-        message; the last one is never dropped. If even the system prompt and the last turn leave
-        no room, they are still used as long as they fit at all (the answer may stop at "length").
-        """
-        def ids(cut: int) -> list[int]:
-            kept = [m for i, m in enumerate(messages) if i >= cut or _is_system(m)]
-            return self.prompt_tokens(kept, reasoning_effort=reasoning_effort, tools=tools)
+        message; the last one is never dropped. When turns must go, enough go that the prompt
+        takes at most half the context (as llama.cpp's context shift discards half): dropping
+        only the fewest would make every following turn drop one more, change the prompt's
+        prefix each time and so evaluate it all again. If even the system prompt and the last
+        turn leave no room, they are still used as long as they fit at all (the answer may stop
+        at "length").
 
-        room = min(s.max_tokens, self.n_ctx // 4)
+        The cost of finding the cut follows what is kept, not the history: each turn is rendered
+        alone, newest first, and the costs are summed until the context is exceeded; only the
+        chosen prompt is rendered whole (and checked, since the sum is an estimate).
+        """
+        opts = {"reasoning_effort": reasoning_effort, "tools": tools}
+        limit = self.n_ctx - min(max(s.max_tokens, 0), self.n_ctx // 4)
+
+        def ids(cut: int) -> list[int]:
+            return self.prompt_tokens([m for i, m in enumerate(messages) if i >= cut or _is_system(m)], **opts)
+
+        def dropped(cut: int) -> int:
+            return sum(1 for m in messages[:cut] if not _is_system(m))
+
+        starts, seen = [], False  # user messages with a non-system message before them
+        for i, m in enumerate(messages):
+            if seen and m.get("role") == "user":
+                starts.append(i)
+            seen = seen or not _is_system(m)
+        if not starts:
+            return ids(0), 0  # nothing to drop; generate() judges whether it fits at all
+        bounds = [0] + starts + [len(messages)]  # turn k is messages[bounds[k]:bounds[k + 1]]
+
+        def alone(k: int, n: int = 1) -> int:
+            return len(self.prompt_tokens([m for m in messages[bounds[k]:bounds[k + n]] if not _is_system(m)], **opts))
+
+        last = len(starts)  # the index of the newest turn
+        minimal = ids(starts[-1])  # the system prompt and the last turn: nothing can be smaller
+        if len(minimal) > limit:
+            if len(minimal) >= self.n_ctx:
+                raise ContextError(f"the system prompt and the last message alone take {len(minimal)} tokens "
+                                   f"but the context holds {self.n_ctx}; raise -c")
+            return minimal, dropped(starts[-1])
+        try:
+            # What rendering one turn alone costs beyond its own text (BOS, a default system prompt).
+            overhead = alone(last - 1) + alone(last) - alone(last - 1, 2)
+            costs: dict[int, int] = {}
+            total, k = len(minimal), last
+            while k > 0 and total <= limit:
+                k -= 1
+                costs[k] = alone(k) - overhead
+                total += costs[k]
+        except PromptError:  # a turn the template will not render alone: judge whole prompts only
+            return self._fit_exact(ids, dropped, starts, limit)
+        if total <= limit:  # every turn fits (by the estimate): the whole prompt, checked
+            prompt = ids(0)
+            if len(prompt) <= limit:
+                return prompt, 0
+        # Keep the newest turns whose estimate stays within half the context, at least the last.
+        target = min(limit, self.n_ctx // 2)
+        total, first = len(minimal), last
+        while first - 1 in costs and first - 1 > 0 and total + costs[first - 1] <= target:
+            first -= 1
+            total += costs[first]
+        while True:
+            prompt = ids(bounds[first])
+            if len(prompt) <= limit or first == last:
+                return prompt, dropped(bounds[first])
+            first += 1  # the estimate was short: one turn more goes
+
+    def _fit_exact(self, ids: Callable[[int], list[int]], dropped: Callable[[int], int], starts: list[int],
+                   limit: int) -> tuple[list[int], int]:
+        """The fewest dropped turns that fit, by a binary search over whole renders (for a template
+        that refuses to render a turn alone)."""
         prompt = ids(0)
-        if len(prompt) + room <= self.n_ctx:
+        if len(prompt) <= limit:
             return prompt, 0
-        cuts = [i for i, m in enumerate(messages) if i > 0 and m.get("role") == "user"]
-        cuts = [c for c in cuts if any(not _is_system(m) for m in messages[:c])]
-        if not cuts:
-            return prompt, 0  # nothing to drop; generate() judges whether it fits at all
-        # Fewer tokens the more turns go; find the fewest dropped turns that leave room.
-        lo, hi, best = 0, len(cuts) - 1, None
+        lo, hi, best = 0, len(starts) - 1, len(starts) - 1
         while lo <= hi:
             mid = (lo + hi) // 2
-            trial = ids(cuts[mid])
-            if len(trial) + room <= self.n_ctx:
-                best, hi = (mid, trial), mid - 1
+            if len(ids(starts[mid])) <= limit:
+                best, hi = mid, mid - 1
             else:
                 lo = mid + 1
-        if best is None:
-            trial = ids(cuts[-1])
-            if len(trial) >= self.n_ctx:
-                raise ContextError(f"the system prompt and the last message alone take {len(trial)} tokens "
-                                   f"but the context holds {self.n_ctx}; raise -c")
-            best = (len(cuts) - 1, trial)
-        cut = cuts[best[0]]
-        return best[1], sum(1 for m in messages[:cut] if not _is_system(m))
+        return ids(starts[best]), dropped(starts[best])
 
     # ----------------------------------------------------------------------------- stats
     @property

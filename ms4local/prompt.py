@@ -104,17 +104,124 @@ def render(
         raise PromptError(f"the chat template failed: {e}") from None
 
 
-def _read_json(path: str | os.PathLike[str], what: str) -> Any:
+# Bounds on a conversation file, so that a hostile or broken file is one line, not a
+# RecursionError or an exhausted memory: JSON nested deeper than any conversation needs, and a
+# file far larger than any context (a 256k-token conversation is a few MB of text).
+MAX_CONVERSATION_BYTES = 256 * 1024 * 1024
+MAX_DEPTH = 64
+ROLES = ("system", "developer", "user", "assistant", "tool")
+PART_TYPES = ("text", "image", "image_url", "thinking")
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """A JSON file the user named, or PromptError with one line (unreadable, too large, not
+    UTF-8, not JSON, nested too deep)."""
+    where = f"the {what} file {os.fspath(path)}"
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONVERSATION_BYTES:
+                raise PromptError(f"{where} is {size / 2**20:.0f} MiB; the limit is "
+                                  f"{MAX_CONVERSATION_BYTES // 2**20} MiB")
+            data = f.read(MAX_CONVERSATION_BYTES + 1)
+    except IsADirectoryError:
+        raise PromptError(f"{where} is a directory") from None
     except OSError as e:
-        raise PromptError(f"cannot read the {what} file {os.fspath(path)}: {e.strerror or e}") from None
+        raise PromptError(f"cannot read {where}: {e.strerror or e}") from None
+    if len(data) > MAX_CONVERSATION_BYTES:  # a pipe or a device that keeps going
+        raise PromptError(f"{where} is larger than {MAX_CONVERSATION_BYTES // 2**20} MiB")
+    try:
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
-        raise PromptError(f"the {what} file {os.fspath(path)} is not UTF-8 text") from None
+        raise PromptError(f"{where} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise PromptError(f"the {what} file {os.fspath(path)} is not valid JSON: {e.msg} "
-                          f"(line {e.lineno}, column {e.colno})") from None
+        raise PromptError(f"{where} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise PromptError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels)") from None
+
+
+def _kind(value: Any) -> str:
+    names = {str: "text", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Every string (keys too) valid Unicode, and nesting bounded; iterative, so it cannot
+    itself overflow the stack."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise PromptError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels)")
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise PromptError(f"{where} holds text that is not valid Unicode (a lone surrogate "
+                                  f"{v[e.start]!a})") from None
+        elif isinstance(v, dict):
+            stack.extend((k, depth + 1) for k in v)
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+
+
+def _check_part(part: Any, where: str) -> None:
+    if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+        raise PromptError(f"{where} must be an object whose type is one of {', '.join(PART_TYPES)}")
+    kind = part["type"]
+    if kind in ("text", "thinking") and not isinstance(part.get(kind), str):
+        raise PromptError(f"{where}: \"{kind}\" must be text, got {_kind(part.get(kind))}")
+    if kind == "image" and not isinstance(part.get("image"), str):
+        raise PromptError(f"{where}: \"image\" must be a path, URL or data: URI, got {_kind(part.get('image'))}")
+    if kind == "image_url":
+        url = part.get("image_url")
+        if not (isinstance(url, str) or (isinstance(url, dict) and isinstance(url.get("url"), str))):
+            raise PromptError(f"{where}: \"image_url\" must be text or an object with a \"url\"")
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    if not isinstance(calls, list):
+        raise PromptError(f"{where}: tool_calls must be a list, got {_kind(calls)}")
+    for j, call in enumerate(calls, 1):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise PromptError(f"{where}: tool call {j} must be an object with a \"function\" that has a \"name\"")
+        if not isinstance(fn.get("arguments", ""), (str, dict)):
+            raise PromptError(f"{where}: tool call {j}'s arguments must be JSON text or an object, "
+                              f"got {_kind(fn.get('arguments'))}")
+        if not isinstance(call.get("id", ""), (str, type(None))):
+            raise PromptError(f"{where}: tool call {j}'s id must be text")
+
+
+def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
+    """The conversation a user or client handed in, checked once so that nothing later (the
+    template, the tokenizer, llama.cpp) meets a shape or a string it cannot take.
+
+    A list of objects; role one of ROLES; content text, a list of known parts, or null;
+    reasoning text; tool calls shaped as OpenAI writes them; every string valid Unicode (JSON's
+    "\\ud800" escape makes a lone surrogate that no encoder accepts); nesting bounded. Raises
+    PromptError with one line that names the message (1-based). Unknown keys are left alone.
+    """
+    if not isinstance(messages, list):
+        raise PromptError(f"{where}: \"messages\" must be a list, got {_kind(messages)}")
+    for i, m in enumerate(messages, 1):
+        at = f"{where}: message {i}"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise PromptError(f"{at} must be an object whose role is one of {', '.join(ROLES)}")
+        _check_text(m, at)
+        content = m.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content, 1):
+                _check_part(part, f"{at}, content part {j}")
+        elif content is not None and not isinstance(content, str):
+            raise PromptError(f"{at}: content must be text, a list of parts or null, got {_kind(content)}")
+        for key in ("reasoning_content", "reasoning", "name", "tool_call_id"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise PromptError(f"{at}: {key} must be text, got {_kind(m[key])}")
+        if m.get("tool_calls") is not None:
+            _check_tool_calls(m["tool_calls"], at)
+    return messages
 
 
 def load_conversation(messages_path: str | os.PathLike[str], tools_path: str | os.PathLike[str] | None = None,
@@ -123,21 +230,25 @@ def load_conversation(messages_path: str | os.PathLike[str], tools_path: str | o
 
     The messages file holds a list of messages, or a request-like object with "messages" (and
     optionally "tools"), so a saved request body works as is; a separate tools file (a list)
-    takes precedence. Only the shape is checked here; the chat template judges the content.
+    takes precedence. The messages are checked by `check_messages`; the chat template judges
+    the order of the roles.
     """
-    data = _read_json(messages_path, "messages")
+    data = read_json(messages_path, "messages")
     tools = None
     if isinstance(data, dict) and "messages" in data:
         tools = data.get("tools")
         data = data["messages"]
-    if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in data):
+    if not isinstance(data, list):
         raise PromptError(f"{os.fspath(messages_path)} must hold a list of messages (objects with a \"role\"), "
                           "or an object with \"messages\"")
+    check_messages(data, os.fspath(messages_path))
     if tools_path is not None:
-        tools = _read_json(tools_path, "tools")
+        tools = read_json(tools_path, "tools")
+    where = os.fspath(tools_path) if tools_path is not None else f"\"tools\" in {os.fspath(messages_path)}"
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        where = os.fspath(tools_path) if tools_path is not None else f"\"tools\" in {os.fspath(messages_path)}"
         raise PromptError(f"{where} must be a list of tool definitions (objects)")
+    if tools is not None:
+        _check_text(tools, where)
     return data, tools
 
 

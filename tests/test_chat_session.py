@@ -14,7 +14,7 @@ import pytest
 from ms4local.chat_session import (
     IMAGE_NOTICE, ChatSession, Command, InputAssembler, SessionError, history_path, parse_input,
 )
-from ms4local.engine import Delta, Done, Engine, EngineOptions, Sampling, Timings, Usage
+from ms4local.engine import ChatStream, Delta, Done, Engine, EngineOptions, Sampling, Timings, Usage
 from ms4local.errors import ContextError
 
 
@@ -32,8 +32,10 @@ def vocab(model):
 class ScriptedEngine:
     """The real template and tokenizer; `chat` plays `script` (a list of (text, reasoning))."""
 
-    def __init__(self, vocab, script=(), *, supports_images=False, fail_at=None, exc=None):
+    def __init__(self, vocab, script=(), *, supports_images=False, fail_at=None, exc=None, drop=0, path=None):
         self.vocab = vocab
+        self.drop = drop  # what the real engine reports when the context is full (ChatStream.dropped_messages)
+        self.path, self.mmproj = path, None
         self.script = list(script)
         self.supports_images = supports_images
         self.fail_at, self.exc = fail_at, exc
@@ -68,7 +70,7 @@ class ScriptedEngine:
             finally:
                 self.closed += 1
 
-        return events()
+        return ChatStream(events(), self.drop) if self.drop else events()
 
 
 def run(turn, stop_after=None):
@@ -113,7 +115,7 @@ def test_parse_input(text, expected):
     ("/bogus", "unknown command /bogus"),
     ("/etc/hosts", "unknown command /etc/hosts"),
     ("/think maybe", "usage: /think [high|none]"),
-    ("/save", "usage: /save FILE"),
+    ("/save", "usage: /save [--force] FILE"),
     ("/load   ", "usage: /load FILE"),
     ("/image", "usage: /image PATH"),
     ("/reset now", "/reset takes no argument"),
@@ -302,6 +304,20 @@ def test_load_accepts_request_body_and_bare_list(vocab, tmp_path):
     ('{"messages": [], "reasoning_effort": "medium"}', "reasoning_effort must be none or high, got 'medium'"),
     ('[{"role": "assistant", "content": "first"}]', "the model's template refuses this conversation: "
                                                     "the conversation must start with a user or system message"),
+    ('[{"role": "user", "content": 5}]', "message 1: content must be text, a list of parts or null, got a number"),
+    ("[" * 100_000 + "]" * 100_000, "is nested too deeply"),
+    ('[{"role": "user", "content": [' + "[" * 200 + "]" * 200 + "]}]", "is nested too deeply"),
+    ('[{"role": "user", "content": "\\ud800 hi"}]', "message 1 holds text that is not valid Unicode (a lone surrogate '\\ud800')"),
+    ('[{"role": "user", "content": "hi", "name": {"\\udfff": 1}}]', "not valid Unicode"),
+    ('[{"role": "user", "content": [{"type": "video", "video": "x"}]}]', "content part 1 must be an object whose type is one of"),
+    ('[{"role": "user", "content": [{"type": "text", "text": 3}]}]', 'content part 1: "text" must be text, got a number'),
+    ('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, "tool_calls": [{"function": 1}]}]',
+     'message 2: tool call 1 must be an object with a "function" that has a "name"'),
+    ('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "tool_calls": {"x": 1}}]',
+     "message 2: tool_calls must be a list, got an object"),
+    ('[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "reasoning_content": ["x"]}]',
+     "reasoning_content must be text, got a list"),
+    ('[{"role": 7, "content": "hi"}]', "message 1 must be an object whose role is one of"),
 ])
 def test_bad_load_is_one_line_and_changes_nothing(vocab, tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -316,6 +332,83 @@ def test_bad_load_is_one_line_and_changes_nothing(vocab, tmp_path, content, mess
         s.execute(Command("load", str(path)))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert (s.messages, s.reasoning_effort, s.last_prompt) == before
+
+
+def test_save_never_replaces_a_file_it_did_not_write_without_force(vocab, tmp_path):
+    s = ChatSession(ScriptedEngine(vocab, [("ok", False)]))
+    run(s.send("Hi"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(SessionError) as e:
+        s.execute(Command("save", str(notes)))
+    assert str(e.value) == f"{notes} exists and is not a conversation saved by /save; /save --force {notes} replaces it"
+    assert notes.read_text() == "my notes\n"
+    assert s.execute(Command("save", f"--force {notes}")).text == f"saved 2 messages to {notes}"
+    assert json.loads(notes.read_text())["messages"][-1] == {"role": "assistant", "content": "ok"}
+    # A conversation that /save wrote is updated without --force: saving again is what a user expects.
+    run(s.send("Again"))
+    s.execute(Command("save", str(notes)))
+    assert len(json.loads(notes.read_text())["messages"]) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no temporary file left behind
+
+
+def test_save_never_replaces_the_model_a_gguf_or_a_directory(vocab, model, tmp_path):
+    import shutil
+
+    loaded = tmp_path / "model.gguf"
+    shutil.copy(model, loaded)
+    other = tmp_path / "other.gguf"
+    shutil.copy(model, other)
+    link = tmp_path / "link.json"
+    link.symlink_to(loaded)
+    size = loaded.stat().st_size
+    s = ChatSession(ScriptedEngine(vocab, [("ok", False)], path=loaded))
+    run(s.send("Hi"))
+    for target, message in ((loaded, "is the model this chat runs on"), (link, "is the model this chat runs on"),
+                            (other, "is a GGUF model file"), (tmp_path, "is a directory")):
+        for arg in (str(target), f"--force {target}"):
+            with pytest.raises(SessionError, match=message) as e:
+                s.execute(Command("save", arg))
+            assert "\n" not in str(e.value)
+    assert loaded.stat().st_size == size and other.stat().st_size == size and link.is_symlink()
+
+
+def test_paths_take_shell_quoting(vocab, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "my cat.png"
+    Image.new("RGB", (30, 20), (200, 120, 40)).save(img)
+    s = ChatSession(ScriptedEngine(vocab, [("A cat.", False)], supports_images=True))
+    assert s.execute(Command("image", f'"{img}"')).text == f"{img} goes with your next message"
+    assert s.pending_images == [str(img)]
+    run(s.send("What is it?"))
+    chat = tmp_path / "my chat.json"
+    assert s.execute(Command("save", f"'{chat}'")).text == f"saved 2 messages to {chat}"
+    assert s.execute(Command("load", f'"{chat}"')).text.startswith(f"loaded 2 messages from {chat}")
+    with pytest.raises(SessionError, match=r"^usage: /image PATH \(quote a path that holds spaces\)$"):
+        s.execute(Command("image", str(img)))
+    with pytest.raises(SessionError, match=r"^usage: /save \[--force\] FILE \(no closing quotation\)$"):
+        s.execute(Command("save", f'"{chat}'))
+
+
+def test_a_full_context_drops_the_oldest_messages_from_the_history_with_a_notice(vocab):
+    """The engine reports the messages it left out; the session forgets the same ones, so the
+    next prompt starts as this one did (and the engine reuses its cache)."""
+    engine = ScriptedEngine(vocab, [("ok", False)])
+    s = ChatSession(engine, system="Be brief.")
+    for q in ("One", "Two", "Three"):
+        run(s.send(q))
+    engine.drop = 4
+    turn = s.send("Four")
+    assert turn.notices == ["the context is full: the oldest 4 messages were dropped (the system prompt is kept)"]
+    run(turn)
+    assert turn.done.dropped_messages == 4
+    assert s.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Three"},
+                          {"role": "assistant", "content": "ok"}, {"role": "user", "content": "Four"},
+                          {"role": "assistant", "content": "ok"}]
+    engine.drop = 0
+    run(s.send("Five"))
+    assert engine.calls[-1]["messages"][:5] == s.model_messages()[:5]  # the prefix the engine evaluated last time
 
 
 def test_save_into_missing_directory_is_one_line(vocab, tmp_path):

@@ -127,7 +127,7 @@ def test_save_reset_load_round_trip_and_bad_file(model, env, tmp_path):
     bad.write_text("{oops")
     shown = send(child, f"/load {bad}")
     errors = [line for line in shown.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {bad} is not valid JSON: Expecting property name enclosed in double quotes "
+    assert errors == [f"error: the conversation file {bad} is not valid JSON: Expecting property name enclosed in double quotes "
                       "(line 1, column 2)"], shown
     assert "Traceback" not in shown
     assert "1 turn ·" in send(child, "/stats")  # the loaded conversation is still there
@@ -182,3 +182,99 @@ def test_chat_view_reasoning_above_answer(interactive, hide):
         assert "Adding two and two." in final
     answer = final.index("It is 4 <b>." if interactive else "It is **4** <b>.")  # markdown only when live
     assert answer > 0  # the answer comes after the reasoning
+
+
+# ----------------------------------------------------------------------------------- hostile input (#18)
+def _chat(model, env, *args):
+    return subprocess.run([str(BIN / "ms4local"), "chat", str(model), *args], capture_output=True, env=env, timeout=120)
+
+
+def _one_line_error(p, code):
+    err = p.stderr.decode("utf-8", "replace")
+    lines = [line for line in err.strip().splitlines() if not line.startswith("note: ")]
+    assert p.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), (p.returncode, err)
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_arguments_that_are_not_utf8_are_one_line_naming_the_option(model, cli_env):
+    assert _one_line_error(_chat(model, cli_env, "-p", b"caf\xe9"), 2) == \
+        "error: --prompt is not valid UTF-8 text (byte 0xe9 at character 4); pass text in UTF-8"
+    assert _one_line_error(_chat(model, cli_env, "-p", "Hi", "--system", b"\xff"), 2).startswith(
+        "error: --system is not valid UTF-8 text (byte 0xff at character 1)")
+
+
+def test_ctx_size_is_checked_against_the_model_before_loading(model, cli_env):
+    err = _one_line_error(_chat(model, cli_env, "-p", "Hi", "-c", "4000000000"), 2)
+    assert re.fullmatch(r"error: -c 4000000000 needs a 715\.3 GiB KV cache \(-ctk f16\), more than the [\d.]+ GiB "
+                        r"of free RAM and GPU memory; try -c \d+", err), err
+    p = _chat(model, cli_env, "-p", "Hi", "-n", "2", "-c", "65536", "--json")
+    assert p.returncode == 0, p.stderr
+    assert "note: -c 65536 is above the 32768 tokens model-Q8_0.gguf was trained for" in p.stderr.decode()
+
+
+def test_max_tokens_minus_one_runs_until_the_context_is_full(model, cli_env):
+    p = _chat(model, cli_env, "-p", "Hi", "-n", "-1", "-c", "256", "--seed", "2", "--temp", "1.5", "--json")
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    used = data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
+    assert data["usage"]["completion_tokens"] > 1 and used <= 256
+    assert data["finish_reason"] == "stop" or used == 256, data  # "length" only once the context is full
+    assert "-n/--max-tokens must be a number of tokens or -1" in _one_line_error(_chat(model, cli_env, "-p", "Hi", "-n", "-2"), 2)
+
+
+def test_a_directory_is_named_as_one_with_its_gguf_files(model, cli_env, tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.gguf").symlink_to(model)
+    (tmp_path / "m" / "mmproj-model.gguf").symlink_to(model)
+    assert _one_line_error(_chat(tmp_path / "m", cli_env, "-p", "Hi"), 1) == \
+        f"error: {tmp_path / 'm'} is a directory, not a model; give one of its GGUF files: model.gguf"
+    (tmp_path / "empty").mkdir()
+    assert "is a directory with no .gguf file in it" in _one_line_error(_chat(tmp_path / "empty", cli_env, "-p", "Hi"), 1)
+
+
+def test_save_refuses_the_model_and_existing_files(model, env, tmp_path):
+    import shutil
+
+    loaded = tmp_path / "model.gguf"
+    shutil.copy(model, loaded)
+    size = loaded.stat().st_size
+    child = pexpect.spawn(str(BIN / "ms4local"), ["chat", str(loaded), "-t", "1", "-n", "4"], env=env,
+                          encoding="utf-8", timeout=30, dimensions=(40, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    child.expect(PROMPT)
+    assert re.search(STATS, send(child, "Hello"))
+    for arg in (str(loaded), f"--force {loaded}"):
+        shown = send(child, f"/save {arg}")
+        assert f"error: {loaded} is the model this chat runs on; choose another name" in shown, shown
+    assert loaded.stat().st_size == size
+    notes = tmp_path / "my notes.txt"
+    notes.write_text("keep\n")
+    assert "exists and is not a conversation saved by /save" in send(child, f'/save "{notes}"')
+    assert notes.read_text() == "keep\n"
+    assert f"saved 2 messages to {notes}" in send(child, f"/save --force '{notes}'")
+    assert "/save [--force] FILE" in send(child, "/help")
+    assert leave_with(child, "\x04") == (0, None)
+
+
+def test_full_context_drops_the_oldest_turns_with_a_notice_and_reuses_the_cache(model, env):
+    child = spawn(model, env, "-n", "8", "-c", "256", "--system", "Be brief.", "--temp", "0")
+    notices, stats = [], []
+    for i in range(12):
+        shown = send(child, f"Question {i}: " + "word " * 12)
+        m = re.search(STATS, shown)
+        assert m, shown
+        stats.append((int(m.group(1)), int(m.group(2)), "the context is full" in shown))
+        context = re.search(r"context (\d+)/(\d+) tokens", send(child, "/stats"))
+        assert context and int(context.group(1)) <= int(context.group(2)) == 256
+    cuts = [i for i, (_, _, full) in enumerate(stats) if full]
+    assert cuts and cuts[0] + 1 < len(stats), stats
+    # After a cut the next turn starts as the cut one did: the whole prompt of the cut turn comes
+    # from the cache (a random model's answer may not tokenize back to the ids it generated, so
+    # the answer itself may be evaluated again, as it is on any turn).
+    cut_prompt = stats[cuts[0]][0]
+    prompt, cached, full = stats[cuts[0] + 1]
+    assert not full and cached >= cut_prompt and cut_prompt <= 128, stats
+    shown = send(child, "/prompt")
+    assert "[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT]" in shown and "Question 0:" not in shown
+    assert leave_with(child, "\x04") == (0, None)

@@ -89,13 +89,32 @@ def test_text_mode_still_works(model, cli_env):
 @pytest.mark.parametrize("content, message", [
     ('[{"role": "user", "content": "hi"', "is not valid JSON"),
     ('{"role": "user"}', "must hold a list of messages"),
-    ('["hi"]', "must hold a list of messages"),
+    ('["hi"]', "message 1 must be an object whose role is one of system, developer, user, assistant, tool"),
+    ('[{"role": "user", "content": 5}]', "message 1: content must be text, a list of parts or null, got a number"),
+    ("[" * 100_000 + "]" * 100_000, "is nested too deeply"),
+    ('{"messages": [{"role": "user", "content": "x"}], "tools": [{"a": ' + "[" * 100 + "]" * 100 + "}]}",
+     "is nested too deeply"),
+    ('[{"role": "user", "content": "\\ud800"}]', "holds text that is not valid Unicode (a lone surrogate '\\ud800')"),
+    ('[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 3}}]}]',
+     "tool call 1's arguments must be JSON text or an object, got a number"),
     ('{"messages": [{"role": "user", "content": "x"}], "tools": {"a": 1}}', "must be a list of tool definitions"),
     ('[{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "a", "content": "r"}]', 'role "tool" cannot follow role "user"'),
 ])
 def test_bad_conversation_file_is_one_line(model, tmp_path, cli_env, content, message):
     (tmp_path / "m.json").write_text(content)
     assert message in one_line_error(run([model, "--messages", tmp_path / "m.json"], cli_env), 1)
+
+
+def test_text_that_is_not_utf8_is_one_line_naming_it(model, cli_env):
+    p = subprocess.run([str(BIN / "ms4local"), "tokenize", str(model), b"caf\xe9"], capture_output=True, text=True,
+                       env=cli_env, timeout=300)
+    assert one_line_error(p, 2) == "error: TEXT is not valid UTF-8 text (byte 0xe9 at character 4); pass text in UTF-8"
+
+
+def test_a_directory_is_named_as_one(model, cli_env, tmp_path):
+    (tmp_path / "model.gguf").symlink_to(model)
+    err = one_line_error(run([tmp_path, "hi"], cli_env), 1)
+    assert err == f"error: {tmp_path} is a directory, not a model; give one of its GGUF files: model.gguf"
 
 
 def test_missing_or_bad_tools_file_is_one_line(model, files, tmp_path, cli_env):

@@ -127,20 +127,42 @@ def test_full_context_drops_the_oldest_turns_never_the_system_prompt(model):
     msgs = _long_chat(12)
     with Engine(model, EngineOptions(ctx_size=256)) as e:
         assert len(e.prompt_tokens(msgs)) > 256
-        _, _, done, _ = turn(e, msgs, max_tokens=16)
+        answer, _, done, _ = turn(e, msgs, max_tokens=16)
         k = done.dropped_messages
         assert k > 0 and k % 2 == 0  # whole turns: a question and its answer
         kept = [SYSTEM] + msgs[1 + k:]
         assert done.usage.prompt_tokens == len(e.prompt_tokens(kept))
-        assert done.usage.prompt_tokens + 16 <= e.n_ctx
-        # The fewest turns were dropped: one turn fewer would not have left room to answer.
-        assert len(e.prompt_tokens([SYSTEM] + msgs[k - 1:])) + 16 > e.n_ctx
+        # Down to half the context, not just enough to answer: the next turns then fit as they
+        # are, with the same prefix. One turn more would have gone past half.
+        assert done.usage.prompt_tokens <= e.n_ctx // 2
+        assert len(e.prompt_tokens([SYSTEM] + msgs[k - 1:])) > e.n_ctx // 2
         assert e.cached_tokens[:len(e.tokenize("<s>" + SYSTEM["content"]))] == \
             e.prompt_tokens(kept)[:len(e.tokenize("<s>" + SYSTEM["content"]))]
-        # A caller that drops the same messages keeps the prefix, so the next turn reuses the cache.
-        nxt = kept + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "Et ensuite ?"}]
-        _, _, d2, _ = turn(e, nxt, max_tokens=4)
-        assert d2.dropped_messages == 0 and d2.usage.cached_tokens > len(e.prompt_tokens([SYSTEM]))
+        # A caller that drops the same messages keeps the prefix, so the next turns reuse the cache.
+        for question in ("Et ensuite ?", "Et après ?"):
+            kept += [{"role": "assistant", "content": answer}, {"role": "user", "content": question}]
+            answer, _, d2, _ = turn(e, kept, max_tokens=4)
+            # Everything up to the last answer came from the cache (a random model's answer may not
+            # tokenize back to the ids it generated, so the answer itself may be evaluated again).
+            assert d2.dropped_messages == 0 and d2.usage.cached_tokens >= len(e.prompt_tokens(kept[:-2]))
+
+
+def test_finding_the_cut_costs_what_is_kept_not_the_whole_history(model, monkeypatch):
+    """A loaded history of thousands of messages: the messages rendered to find the cut follow
+    the context, not the history (a search over whole renders costs ~log2(n) × n messages)."""
+    msgs = _long_chat(1500)
+    with Engine(model, EngineOptions(ctx_size=256)) as e:
+        rendered = []
+        real = e.prompt_tokens
+        monkeypatch.setattr(e, "prompt_tokens", lambda m, **kw: rendered.append(len(m)) or real(m, **kw))
+        stream = e.chat(msgs, Sampling(temperature=0, max_tokens=1))  # the cut is chosen before the first event
+        counted = sum(rendered)
+        monkeypatch.undo()
+        done = [ev for ev in stream if not isinstance(ev, Delta)][-1]
+        assert done.dropped_messages == stream.dropped_messages > 2900
+        assert done.usage.prompt_tokens == len(e.prompt_tokens([SYSTEM] + msgs[1 + done.dropped_messages:]))
+        assert done.usage.prompt_tokens <= e.n_ctx // 2
+        assert counted < 100, rendered
 
 
 def test_full_context_without_a_system_prompt(model):
@@ -217,3 +239,27 @@ def test_a_decode_interrupted_before_it_was_recorded_is_trimmed(model, monkeypat
         held = e.cached_tokens  # the prompt and the one answer token that was recorded
         events = list(e.generate(held + e.tokenize(" Go on"), Sampling(temperature=0, max_tokens=4)))
         assert events[-1].usage.cached_tokens == len(held)
+
+
+def test_ctx_size_is_judged_from_the_header_before_loading(model):
+    from ms4local.errors import OptionsError
+    from ms4local.placement import kv_cache_bytes, read_model
+
+    notices = eng.place(model, EngineOptions(ctx_size=65536)).notices
+    assert f"-c 65536 is above the 32768 tokens {model.name} was trained for; answers may degrade past that length" \
+        in notices  # a notice, as llama.cpp warns and goes on
+    assert not any("trained for" in n for n in eng.place(model, EngineOptions(ctx_size=32768)).notices)
+    # The KV cache from the header (MLA: one 48-value f16 row per token and layer) against the memory.
+    info = read_model(model)
+    assert kv_cache_bytes(info, 4096) == 4096 * 48 * 2 * 2
+    with pytest.raises(OptionsError) as err:
+        EngineOptions(ctx_size=4096).check_model(info, memory=4096 * 192 - 1)
+    assert str(err.value) == ("-c 4096 needs a 0.8 MiB KV cache (-ctk f16), more than the 0.7 MiB of free RAM and "
+                              "GPU memory; try -c 3072")
+    assert EngineOptions(ctx_size=4096).check_model(info, memory=4096 * 192) == []
+    # Through the engine: refused before llama.cpp allocates (it took 52 s and ended in std::bad_alloc).
+    with pytest.raises(OptionsError, match=r"^-c 4000000000 needs a 715\.3 GiB KV cache \(-ctk f16\), more than the "
+                                           r"[\d.]+ GiB of free RAM and GPU memory; try -c 32768$"):
+        Engine(model, EngineOptions(ctx_size=4_000_000_000))
+    with pytest.raises(OptionsError, match="at most 4294967040"):
+        EngineOptions(ctx_size=2**32).check()  # llama.cpp's n_ctx is a uint32: it would wrap

@@ -21,7 +21,7 @@ import typer
 from .. import ui
 from ..chat_session import (COMMANDS, ChatSession, Command, InputAssembler, Reply, Turn, default_sampling,
                             history_path, parse_input)
-from ..engine import Delta, Done, Engine, Sampling
+from ..engine import Delta, Done, Engine, Sampling, check_model_path
 from ..stream import MalformedToolCall, ToolCall
 from ..errors import Ms4localError
 from ..images import check_image
@@ -78,6 +78,9 @@ def chat(
         raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
     if as_json and prompt is None:
         raise fail("--json needs --prompt (the interactive chat has no JSON output)", 2)
+    options.check_text(**{"--prompt": prompt, "--system": system})
+    max_tokens = options.max_tokens(max_tokens)
+    check_model_path(model)
     knobs = {"top_p": top_p, "top_k": top_k, "min_p": min_p, "repeat_penalty": repeat_penalty}
     opts = options.engine_options(
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,

@@ -23,7 +23,7 @@ from ..placement import Plan
 Model = Annotated[str, typer.Argument(help="A GGUF file (the first file of a split set).", show_default=False)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: random).")]
 Temp = Annotated[Optional[float], typer.Option("--temp", help="Temperature (default 0.7 with high effort, 0.1 with none).")]
-MaxTokens = Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate.")]
+MaxTokens = Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate (-1: until the context is full).")]
 ReasoningEffort = Annotated[str, typer.Option("--reasoning-effort", help="none: answer directly; high: think first.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass.")]
@@ -71,6 +71,37 @@ ImageMaxTokens = Annotated[int, typer.Option(
 ImagePath = Annotated[Optional[list[str]], typer.Option(
     "--image", metavar="PATH", show_default=False,
     help="Image for the (first) message: a PNG, JPEG, WebP, GIF or BMP file or a data: URI; repeatable.")]
+
+
+def check_text(**flags: str | None) -> None:
+    """Raise OptionsError naming the first option whose text is not valid UTF-8.
+
+    Python hands arguments that are not UTF-8 over as str with lone surrogates (`--prompt
+    $'caf\\xe9'` gives 'caf\\udce9'), which every later step that encodes them would fail on. The
+    keyword names the flag: check_text(**{"--prompt": prompt}).
+    """
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(value[e.start]) - 0xDC00 if 0xDC80 <= ord(value[e.start]) <= 0xDCFF else None
+            what = f"byte 0x{byte:02x}" if byte is not None else f"{value[e.start]!a}"
+            raise OptionsError(f"{flag} is not valid UTF-8 text ({what} at character {e.start + 1}); "
+                               "pass text in UTF-8") from None
+
+
+UNTIL_FULL = 2**31 - 1  # -n -1: generation stops at the end of the context (which llama.cpp may pad above -c)
+
+
+def max_tokens(n: int) -> int:
+    """-n as llama.cpp reads it: a count, or -1 for "until the context is full"."""
+    if n == -1:
+        return UNTIL_FULL
+    if n < 0:
+        raise OptionsError(f"-n/--max-tokens must be a number of tokens or -1 (until the context is full), got {n}")
+    return n
 
 
 def parse_gpu_layers(value: str | int | None) -> int | None:

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import ui
-from ..engine import Engine, EngineOptions
+from ..engine import Engine, EngineOptions, check_model_path
 from ..prompt import load_conversation
 from ..tokenizer import llama_safe_segments
 from . import options
@@ -57,6 +57,8 @@ def tokenize(
         raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
     if messages is None and (tools is not None or reasoning_effort != "none"):
         raise fail("--tools and --reasoning-effort apply to a conversation; add --messages FILE", 2)
+    options.check_text(TEXT=text)
+    check_model_path(model)
     # Read the files before loading the model: a typo should not wait for the load.
     conversation = load_conversation(messages, tools) if messages is not None else None
     prompt = None
