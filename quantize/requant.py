@@ -25,7 +25,8 @@ from pathlib import Path
 import gguf
 from gguf import GGMLQuantizationType as T
 
-from .arch.mistral4 import ATTN, DENSE, EMBED, EXPERTS, NORM, OUTPUT, ROUTER, SHEXP, TensorJob
+from . import arch as arch_registry
+from .arch import TensorJob
 from .errors import CheckpointError, QuantizeError
 from .policy import Choice, FileType, Override, Policy, nbytes
 from .quants import lib_dir
@@ -116,31 +117,14 @@ def read_tensors(path: Path) -> tuple[list[GGUFTensor], dict[str, object]]:
     return tensors, meta
 
 
-def _role(name: str) -> str:
-    if name == "token_embd.weight":
-        return EMBED
-    if name == "output.weight":
-        return OUTPUT
-    if name.endswith("_norm.weight"):
-        return NORM
-    if "ffn_gate_inp" in name:
-        return ROUTER
-    if "_exps" in name:
-        return EXPERTS
-    if "_shexp" in name:
-        return SHEXP
-    if ".ffn_" in name:
-        return DENSE
-    return ATTN
-
-
 def plan(tensors: list[GGUFTensor], meta: dict[str, object], ft: FileType, policy: str,
          overrides: list[Override]) -> dict[str, Choice]:
     """The type of every tensor of a GGUF re-quantized to `ft` (unquantizable ones keep their type)."""
-    if meta.get("general.architecture") != "mistral4":
+    model = arch_registry.by_gguf_name(meta.get("general.architecture"))
+    if model is None:
         raise CheckpointError(f"this GGUF's architecture is {meta.get('general.architecture')!r}; "
-                              "ms4local quantizes mistral4 models")
-    jobs = [TensorJob(t.name, t.shape, _role(t.name), (), lambda: iter(()),
+                              f"ms4local quantizes {', '.join(arch_registry.gguf_names())} models")
+    jobs = [TensorJob(t.name, t.shape, model.role(t.name), (), lambda: iter(()),
                       None) for t in tensors]
     chooser = Policy(ft, policy, overrides, jobs, int(meta.get("block_count") or 0),
                      int(meta.get("expert_count") or 0))
