@@ -16,6 +16,7 @@ and the size each one costs. Experts hold ~90% of the parameters, as in the real
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -35,9 +36,7 @@ RAW = "eval.json"  # the measured rows, so that --replot can redraw without meas
 
 def need_matplotlib() -> None:
     """Fail before an hour of work, with the one command that fixes it."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         sys.exit("bench/eval_bench.py draws its plot with matplotlib, which is not installed; run "
                  "`.venv/bin/python -m pip install -e '.[bench]'` (or `pip install matplotlib`)")
 

@@ -1,6 +1,6 @@
 """Real Mistral Small 4 file sizes per --type under both policies (no checkpoint needed): the README table."""
-from quantize.arch.mistral4 import *
-from quantize.policy import Policy, parse_type, nbytes, bpw
+from quantize.arch import ATTN, EMBED, EXPERTS, NORM, OUTPUT, ROUTER, SHEXP, TensorJob
+from quantize.policy import Policy, parse_type, nbytes
 H,V,L,Nh,Lq,Lkv,Dn,Dr,Dv,E,F = 4096,131072,36,32,1024,256,64,64,128,128,2048
 jobs=[]
 def j(n,s,r,l=None): jobs.append(TensorJob(n,s,r,(),lambda: iter(()),l))

@@ -1264,7 +1264,6 @@ class Engine:
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits [len(tokens), n_vocab] for every position of a fresh evaluation (tests, eval)."""
-        L = llama()
         if len(tokens) > self.n_ctx:
             raise ContextError(f"{len(tokens)} tokens do not fit in the context of {self.n_ctx}")
         self.reset()

@@ -18,17 +18,17 @@ import gguf
 import numpy as np
 
 from . import arch as arch_registry
-from .arch.mistral4 import TensorJob, normalize, parameter_counts
+from .arch import TensorJob
 from .hparams import load_model_config
 from .hub import resolve_source
-from .policy import Choice, Policy, bpw, nbytes, parse_override, parse_type
+from .policy import Choice, Policy, nbytes, parse_override, parse_type
 from .quants import Encoder
 from .report import Report, report_path
 from .report import save as save_report
 from .source import SafetensorsSource
 from .vocab import default_chat_template, load_chat_template, load_vocab
 from . import mmproj as vision
-from .errors import ConfigError, OutputError, VocabError
+from .errors import ConfigError, OutputError
 from .writer import (OutTensor, Progress, check_output, check_replaceable, file_ids, layout, output_lock, prefetch,
                      write_gguf)
 
@@ -140,19 +140,17 @@ def convert(
     if template is None:
         template, template_source = default_chat_template(), "ms4local default (checkpoint has none)"
 
-    vh = vision.vision_hparams(top, hp.hidden_size)
-    if mmproj_only and vh is None:
+    tower = module.vision(top, hp)
+    if mmproj_only and tower is None:
         raise ConfigError("--mmproj-only: this checkpoint has no vision tower (config.json has no vision_config)")
     mm_jobs: list[TensorJob] = []
-    if vh is not None and (mmproj or mmproj_only):
-        if "[IMG_BREAK]" not in vocab.tokens:
-            raise VocabError("the vocabulary has no [IMG_BREAK] token, which the vision projector needs")
-        mm_jobs = vision.plan(vh, source, vocab.tokens.index("[IMG_BREAK]"), hp.hidden_size)
+    if tower is not None and (mmproj or mmproj_only):
+        mm_jobs = tower.plan(source, vocab.tokens)
 
     chooser = Policy(ft, policy, overrides, jobs, hp.num_hidden_layers, hp.n_routed_experts)
     choices: dict[str, Choice] = {j.name: chooser.choose(j) for j in jobs}
     out_tensors = [OutTensor(j.name, j.shape, choices[j.name].type, nbytes(choices[j.name].type, j.shape)) for j in jobs]
-    dtypes = {normalize(n): source.ref(n).dtype for n in source.names()}
+    dtypes = {module.normalize(n): source.ref(n).dtype for n in source.names()}
     rows = [
         PlanRow(j.name, tuple(reversed(j.shape)), "+".join(sorted({dtypes.get(s, "?") for s in j.sources})),
                 choices[j.name].type.name, choices[j.name].rule, o.nbytes)
@@ -170,7 +168,7 @@ def convert(
                               for j, o in zip(mm_jobs, mm_tensors)]
         mean, std = vision.image_norm(directory)
 
-    total, shared, routed = parameter_counts(jobs)
+    total, shared, routed = module.parameter_counts(jobs)
     size_label = gguf.size_label(total, shared, routed, hp.n_routed_experts)
 
     def add_metadata(w: gguf.GGUFWriter) -> None:
@@ -185,7 +183,7 @@ def convert(
         w.add_chat_template(template)
 
     if dry_run:
-        shards = layout(output, module.ARCH, add_metadata, out_tensors,
+        shards = layout(output, module.arch, add_metadata, out_tensors,
                         split_max_tensors=split_max_tensors, split_max_size=split_max_size)
         result.files = [] if mmproj_only else [s.path for s in shards]
         return result
@@ -218,7 +216,7 @@ def convert(
                 yield t, encoded
 
         if not mmproj_only:
-            result.files = write_gguf(output, module.ARCH, add_metadata, out_tensors, data, progress,
+            result.files = write_gguf(output, module.arch, add_metadata, out_tensors, data, progress,
                                       split_max_tensors=split_max_tensors, split_max_size=split_max_size,
                                       fingerprint=fingerprint, force=force,
                                       tensor_meta=report.state if measure else None,
@@ -226,9 +224,9 @@ def convert(
             if measure and report.tensors:
                 result.report = report
                 save_report(report, report_path(output))
-        if result.mmproj is not None and vh is not None:
-            write_gguf(result.mmproj, "clip",
-                       lambda w: vision.add_metadata(w, vh, mean, std, mm_file_type, f"{name} vision projector"),
+        if result.mmproj is not None and tower is not None:
+            write_gguf(result.mmproj, tower.arch,
+                       lambda w: tower.add_metadata(w, mean, std, mm_file_type, f"{name} vision projector"),
                        mm_tensors, data, progress, fingerprint=fingerprint + f"\nmmproj {mmproj_type}", force=force,
                        inputs=inputs)
     result.written = True

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as FT
 
-from .arch.mistral4 import ATTN, DENSE, EMBED, NORM, OUTPUT, ROUTER, SHEXP, TensorJob
+from .arch import ATTN, DENSE, EMBED, NORM, OUTPUT, ROUTER, SHEXP, TensorJob
 from .errors import UnsupportedTypeError
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
-from .arch.mistral4 import ATTN, DENSE, EMBED, EXPERTS, NORM, OUTPUT, ROUTER, SHEXP
+from .arch import ATTN, DENSE, EMBED, EXPERTS, NORM, OUTPUT, ROUTER, SHEXP
 
 ROWS_PER_CHUNK = 4
 CLASSES = {EXPERTS: "routed experts", SHEXP: "shared expert", ATTN: "attention", DENSE: "dense FFN",

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as T
 
-from .arch.mistral4 import ATTN, DENSE, EMBED, EXPERTS, NORM, OUTPUT, ROUTER, SHEXP, TensorJob
+from . import arch as arch_registry
+from .arch import TensorJob
 from .errors import CheckpointError, QuantizeError
 from .gguf_header import read_header
 from .policy import Choice, FileType, Override, Policy, nbytes
@@ -115,31 +116,14 @@ def read_tensors(path: Path) -> tuple[list[GGUFTensor], dict[str, object], tuple
     return tensors, meta, header.files
 
 
-def _role(name: str) -> str:
-    if name == "token_embd.weight":
-        return EMBED
-    if name == "output.weight":
-        return OUTPUT
-    if name.endswith("_norm.weight"):
-        return NORM
-    if "ffn_gate_inp" in name:
-        return ROUTER
-    if "_exps" in name:
-        return EXPERTS
-    if "_shexp" in name:
-        return SHEXP
-    if ".ffn_" in name:
-        return DENSE
-    return ATTN
-
-
 def plan(tensors: list[GGUFTensor], meta: dict[str, object], ft: FileType, policy: str,
          overrides: list[Override]) -> dict[str, Choice]:
     """The type of every tensor of a GGUF re-quantized to `ft` (unquantizable ones keep their type)."""
-    if meta.get("general.architecture") != "mistral4":
+    model = arch_registry.by_gguf_name(meta.get("general.architecture"))
+    if model is None:
         raise CheckpointError(f"this GGUF's architecture is {meta.get('general.architecture')!r}; "
-                              "ms4local quantizes mistral4 models")
-    jobs = [TensorJob(t.name, t.shape, _role(t.name), (), lambda: iter(()),
+                              f"ms4local quantizes {', '.join(arch_registry.gguf_names())} models")
+    jobs = [TensorJob(t.name, t.shape, model.role(t.name), (), lambda: iter(()),
                       None) for t in tensors]
     chooser = Policy(ft, policy, overrides, jobs, int(meta.get("block_count") or 0),
                      int(meta.get("expert_count") or 0))

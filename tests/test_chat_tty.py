@@ -259,7 +259,7 @@ def test_save_refuses_the_model_and_existing_files(model, env, tmp_path):
 
 def test_full_context_drops_the_oldest_turns_with_a_notice_and_reuses_the_cache(model, env):
     child = spawn(model, env, "-n", "8", "-c", "256", "--system", "Be brief.", "--temp", "0")
-    notices, stats = [], []
+    stats = []
     for i in range(12):
         shown = send(child, f"Question {i}: " + "word " * 12)
         m = re.search(STATS, shown)

@@ -19,7 +19,6 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
-import gguf.gguf_writer
 import numpy as np
 import pytest
 from safetensors.numpy import load_file

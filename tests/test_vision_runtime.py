@@ -9,7 +9,6 @@ is counted by the engine (`images_encoded`), "evaluated" by llama.cpp's own coun
 from __future__ import annotations
 
 import base64
-import io
 import os
 import shutil
 import struct

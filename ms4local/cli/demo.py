@@ -49,4 +49,4 @@ def demo(
         stream.finish()
     ui.err.print(ui.stats_line(done), style="dim")
     ui.err.print("Random weights, real path: safetensors (FP8) → GGUF mistral4 → llama.cpp. "
-                 f"For the real model: ms4local quantize mistralai/Mistral-Small-4-119B-2603 --type Q8_0")
+                 "For the real model: ms4local quantize mistralai/Mistral-Small-4-119B-2603 --type Q8_0")

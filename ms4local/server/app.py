@@ -34,7 +34,7 @@ from . import errors as E
 from .errors import APIError, bad_request
 from .images import ImagePolicy, resolve
 from .scheduler import Failed, Job, Scheduler, Started
-from .schemas import ChatRequest, CompletionRequest, ContentPart, Message, Tool
+from .schemas import ChatRequest, CompletionRequest, ContentPart, Message
 
 EFFORTS = {"none": "none", "minimal": "none", "low": "high", "medium": "high", "high": "high"}
 MAX_STOP = 16

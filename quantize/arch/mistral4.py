@@ -13,175 +13,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, MissingTensorError, ShapeError
+from ..errors import CheckpointError
 from ..hparams import TextHParams, text_hparams
-from ..source import FLOAT_DTYPES, SafetensorsSource
+from ..source import SafetensorsSource
+from . import pixtral
+from .base import ATTN, DENSE, EMBED, EXPERTS, NORM, OUTPUT, ROUTER, SHEXP, Architecture, TensorJob, Weights
 
-ARCH = "mistral4"
-MODEL_TYPES = ("mistral4",)
-DESCRIPTION = "Mistral Small 4 (Mistral3ForConditionalGeneration with text_config.model_type mistral4, or Mistral4ForCausalLM)"
-
-# Roles decide the type policy (quantize/policy.py) without parsing names twice.
-NORM, ROUTER, EMBED, OUTPUT, ATTN, SHEXP, EXPERTS, DENSE = (
-    "norm", "router", "token_embd", "output", "attention", "shared_expert", "routed_experts", "dense_ffn")
-
-_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-ROW_BLOCK_BYTES = 64 << 20  # float32 bytes per chunk of a large 2-D tensor
+EMBEDDING = "model.embed_tokens.weight"
 
 
-@dataclass
-class TensorJob:
-    """One GGUF tensor to write: its name, numpy-order shape, role and how to produce its data."""
-
-    name: str
-    shape: tuple[int, ...]
-    role: str
-    sources: tuple[str, ...]
-    chunks: Callable[[], Iterator[np.ndarray]] = field(repr=False)
-    layer: int | None = None
-
-    @property
-    def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def hparams(top: dict[str, Any], text: dict[str, Any]) -> TextHParams:
-    return text_hparams(text, top)
-
-
-def normalize(name: str) -> str:
-    """Strip the `language_model.` wrapper wherever it is (both transformers 4 and 5 layouts)."""
-    return name.replace("language_model.", "")
-
-
-class _Weights:
-    """Reads HF text tensors by normalised name, dequantizing FP8 with its scales."""
-
-    def __init__(self, source: SafetensorsSource) -> None:
-        self.source = source
-        self.by_norm: dict[str, str] = {}
-        for raw in source.names():
-            if raw.startswith(_VISION_PREFIXES) or raw.endswith(_IGNORED_SUFFIXES):
-                continue
-            self.by_norm[normalize(raw)] = raw
-        self.used: set[str] = set()
-        self._expert_scales: dict[str, np.ndarray | None] = {}
-
-    def has(self, name: str) -> bool:
-        return name in self.by_norm
-
-    def ref(self, name: str):
-        if name not in self.by_norm:
-            raise MissingTensorError(f"tensor {name} is missing from the checkpoint; the download may be incomplete")
-        self.used.add(name)
-        ref = self.source.ref(self.by_norm[name])
-        if ref.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"tensor {name} has dtype {ref.dtype}; expected one of {', '.join(FLOAT_DTYPES)}")
-        return ref
-
-    def _scale_name(self, name: str) -> str:
-        return name[: -len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
-
-    def _scale(self, name: str) -> np.ndarray | None:
-        ref = self.ref(name)
-        if ref.dtype != "F8_E4M3":
-            return None
-        scale_name = self._scale_name(name)
-        if scale_name not in self.by_norm:
-            raise MissingTensorError(f"FP8 tensor {name} has no {scale_name}; the checkpoint is incomplete")
-        self.used.add(scale_name)
-        act = name[: -len(".weight")] + ".activation_scale" if name.endswith(".weight") else name + "_activation_scale"
-        if act in self.by_norm:
-            self.used.add(act)  # activation scales are for FP8 matmuls at run time; dequantized weights drop them
-        return self.source.read(self.by_norm[scale_name]).astype(np.float32)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.ref(name).shape
-
-    def read(self, name: str) -> np.ndarray:
-        """The whole tensor as float32 (FP8 dequantized per tensor or per block)."""
-        ref = self.ref(name)
-        data = self.source.read(self.by_norm[name])
-        scale = self._scale(name)
-        if scale is None:
-            return data
-        if scale.size == 1:
-            return data * scale.reshape(())
-        if scale.ndim == 2 and data.ndim == 2:  # block-wise scales [ceil(rows/b0), ceil(cols/b1)]
-            b0 = -(-data.shape[0] // scale.shape[0])
-            b1 = -(-data.shape[1] // scale.shape[1])
-            full = np.repeat(np.repeat(scale, b0, axis=0), b1, axis=1)[: data.shape[0], : data.shape[1]]
-            return data * full
-        raise CheckpointError(f"FP8 scale of {name} has shape {list(scale.shape)}, which this converter cannot apply")
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a 2-D tensor as float32, dequantized like `read`."""
-        ref = self.ref(name)
-        data = self.source.read_rows(self.by_norm[name], start, stop)
-        scale = self._scale(name)
-        if scale is None:
-            return data
-        if scale.size == 1:
-            return data * scale.reshape(())
-        if scale.ndim == 2:
-            b0 = -(-ref.shape[0] // scale.shape[0])
-            b1 = -(-ref.shape[1] // scale.shape[1])
-            rows = np.repeat(scale[start // b0: -(-stop // b0)], b0, axis=0)[start - start // b0 * b0:][: stop - start]
-            return data * np.repeat(rows, b1, axis=1)[:, : ref.shape[1]]
-        raise CheckpointError(f"FP8 scale of {name} has shape {list(scale.shape)}, which this converter cannot apply")
-
-    def chunks(self, name: str) -> Iterator[np.ndarray]:
-        """A 2-D tensor in row blocks of at most ROW_BLOCK_BYTES of float32 (the 2 GB embeddings of the
-        real model are never held whole), or the whole tensor when it is small."""
-        shape = self.shape(name)
-        row_bytes = 4 * (shape[1] if len(shape) == 2 else 0)
-        if len(shape) != 2 or shape[0] * row_bytes <= ROW_BLOCK_BYTES:
-            yield self.read(name)
-            return
-        step = max(1, ROW_BLOCK_BYTES // row_bytes)
-        for start in range(0, shape[0], step):
-            yield self.read_rows(name, start, min(shape[0], start + step))
-
-    def read_expert(self, name: str, e: int, n_experts: int) -> np.ndarray:
-        """Expert `e` of a stacked [E, rows, cols] tensor, dequantized with its per-expert scale."""
-        self.ref(name)
-        data = self.source.read_slice(self.by_norm[name], e)
-        if name not in self._expert_scales:  # read once per stack, not once per expert
-            self._expert_scales[name] = self._scale(name)
-        scale = self._expert_scales[name]
-        if scale is None:
-            return data
-        if scale.size == 1:
-            return data * scale.reshape(())
-        if scale.size == n_experts:
-            return data * scale.reshape(-1)[e]
-        raise CheckpointError(f"FP8 scale of {name} has shape {list(scale.shape)}; expected per-tensor or per-expert")
-
-    def leftovers(self) -> list[str]:
-        return sorted(n for n in self.by_norm if n not in self.used)
-
-
-def _expect(w: _Weights, name: str, shape: tuple[int, ...]) -> None:
-    got = w.shape(name)
-    if tuple(got) != tuple(shape):
-        raise ShapeError(
-            f"tensor {name} has shape {list(got)} but config.json implies {list(shape)}; "
-            "the config and the weights do not belong together"
-        )
+def weights(source: SafetensorsSource) -> Weights:
+    """The text tensors of a checkpoint (the Pixtral tower's, beside them, are not the text model's)."""
+    return Weights(source, skip=pixtral.PREFIXES)
 
 
 def plan(hp: TextHParams, source: SafetensorsSource) -> list[TensorJob]:
     """Every text tensor of the GGUF, in llama.cpp's order, with shapes checked against the config."""
-    w = _Weights(source)
+    w = weights(source)
     H, V = hp.hidden_size, hp.vocab_size
     Nh, Lq, Lkv = hp.num_attention_heads, hp.q_lora_rank, hp.kv_lora_rank
     Dn, Dr, Dv = hp.qk_nope_head_dim, hp.qk_rope_head_dim, hp.v_head_dim
@@ -189,15 +41,15 @@ def plan(hp: TextHParams, source: SafetensorsSource) -> list[TensorJob]:
     jobs: list[TensorJob] = []
 
     def simple(gguf: str, hf: str, shape: tuple[int, ...], role: str, layer: int | None = None) -> None:
-        _expect(w, hf, shape)
+        w.expect(hf, shape)
         jobs.append(TensorJob(gguf, shape, role, (hf,), lambda: w.chunks(hf), layer))
 
     def experts(gguf: str, hf: str, shape: tuple[int, ...], layer: int) -> None:
-        _expect(w, hf, shape)
+        w.expect(hf, shape)
         jobs.append(TensorJob(gguf, shape, EXPERTS, (hf,),
                               lambda: (w.read_expert(hf, e, shape[0]) for e in range(shape[0])), layer))
 
-    simple("token_embd.weight", "model.embed_tokens.weight", (V, H), EMBED)
+    simple("token_embd.weight", EMBEDDING, (V, H), EMBED)
     for i in range(hp.num_hidden_layers):
         p = f"model.layers.{i}."
         b = f"blk.{i}."
@@ -208,7 +60,7 @@ def plan(hp: TextHParams, source: SafetensorsSource) -> list[TensorJob]:
         simple(b + "attn_kv_a_mqa.weight", p + "self_attn.kv_a_proj_with_mqa.weight", (Lkv + Dr, H), ATTN, i)
         simple(b + "attn_kv_a_norm.weight", p + "self_attn.kv_a_layernorm.weight", (Lkv,), NORM, i)
         kv_b = p + "self_attn.kv_b_proj.weight"
-        _expect(w, kv_b, (Nh * (Dn + Dv), Lkv))
+        w.expect(kv_b, (Nh * (Dn + Dv), Lkv))
 
         # MLA split (spec §2.3): rows are head-major, [k_nope Dn | value Dv] per head.
         def k_b(kv_b: str = kv_b) -> Iterator[np.ndarray]:
@@ -313,8 +165,24 @@ def add_metadata(writer: Any, hp: TextHParams) -> None:
     w.add_vocab_size(hp.vocab_size)
 
 
-def parameter_counts(jobs: list[TensorJob]) -> tuple[int, int, int]:
-    """(total, shared, routed-expert) parameter counts, for `general.size_label`."""
-    total = sum(j.n_elements for j in jobs)
-    routed = sum(j.n_elements for j in jobs if j.role == EXPERTS)
-    return total, total - routed, routed
+class Mistral4(Architecture):
+    """The `mistral4` text model, and the Pixtral tower when config.json declares one."""
+
+    arch = "mistral4"
+    model_types = ("mistral4",)
+    description = ("Mistral Small 4 (Mistral3ForConditionalGeneration with text_config.model_type mistral4, "
+                   "or Mistral4ForCausalLM)")
+
+    def hparams(self, top: dict[str, Any], text: dict[str, Any]) -> TextHParams:
+        return text_hparams(text, top)
+
+    def plan(self, hp: TextHParams, source: SafetensorsSource) -> list[TensorJob]:
+        return plan(hp, source)
+
+    def add_metadata(self, writer: Any, hp: TextHParams) -> None:
+        add_metadata(writer, hp)
+
+    def vision(self, top: dict[str, Any], hp: TextHParams) -> pixtral.Pixtral | None:
+        """Pixtral projects into this model's embeddings and breaks image rows with its [IMG_BREAK] row."""
+        vh = pixtral.vision_hparams(top, hp.hidden_size)
+        return None if vh is None else pixtral.Pixtral(vh, weights, EMBEDDING)

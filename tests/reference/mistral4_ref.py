@@ -167,7 +167,7 @@ def forward(ck: Checkpoint, token_ids: list[int], *, f16_matmuls: bool = False) 
         return rnd(x) @ rnd(ck.tensor(name)).T
 
     T = len(token_ids)
-    H, Nh = c["hidden_size"], c["num_attention_heads"]
+    Nh = c["num_attention_heads"]
     Dn, Dr, Dv, Lkv = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
     eps = c.get("rms_norm_eps", 1e-6)
     rp = c.get("rope_parameters") or c.get("rope_scaling") or {}
