@@ -1,6 +1,6 @@
 """What a GGUF holds and what it will cost to run: `ms4local info` as a library. No llama_cpp.
 
-Everything here comes from the GGUF header (`placement.read_model`, plus one walk over the
+Everything here comes from the GGUF header (`gguf_model.read_model`, plus one walk over the
 token arrays for the special tokens), so it answers in well under a second on a 67 GB file:
 no tensor data is read. The placement is the engine's own `--fit` planner called with the
 arguments `engine.place` gives it, so `info --vram 24G` shows exactly what `chat --vram 24G`
