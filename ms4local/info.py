@@ -28,6 +28,7 @@ import numpy as np
 from quantize.gguf_header import SPLIT, split_count
 
 from .errors import ModelLoadError, OptionsError
+from .engine.repair import has_img_break, temperature_overrides
 from .gguf_model import ModelInfo, TensorInfo, find_mmproj, read_model, read_vocab
 from .placement import DEFAULT_HEADROOM, Plan, compute_allowance, plan
 
@@ -174,6 +175,9 @@ class Info:
     mmproj: Mmproj | None
     quant_report: dict[str, float] | None
     fit: Fit | None = None
+    # What the engine makes right at load (engine/repair.py): the temperature keys it sets, and
+    # whether the projector beside the model lacks its [IMG_BREAK] row.
+    repair: dict[str, object] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
@@ -221,6 +225,7 @@ class Info:
             "mmproj": None if self.mmproj is None else {**asdict(self.mmproj), "path": str(self.mmproj.path)},
             "quant_report": self.quant_report,
             "fit": fit,
+            "repair": self.repair,
         }
 
 
@@ -507,6 +512,8 @@ def inspect(path: str | os.PathLike[str], *, vram: int | None = None, ram: int |
                 architecture=architecture(m), tokenizer=tokenizer_facts(m),
                 template=template_features(m.metadata.get("tokenizer.chat_template")),  # type: ignore[arg-type]
                 classes=classes, types=types, mmproj=mmproj_beside(m), quant_report=_quant_report(m.path))
+    info = replace(info, repair={"temperature": temperature_overrides(m) or None,
+                                 "mmproj_img_break": info.mmproj is not None and not has_img_break(info.mmproj.path)})
     if vram is None and ram is None and gpu_bandwidth is None and cpu_bandwidth is None:
         return info
     f = fit(m, vram=vram or 0, ram=ram, n_ctx=n_ctx, type_k=type_k, type_v=type_v, n_ubatch=n_ubatch,

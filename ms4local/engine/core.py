@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ContextError, ImageError, ModelLoadError, Ms4localNotice, PromptError
-from ..gguf_model import find_mmproj, read_vocab
+from ..gguf_model import ModelInfo, find_mmproj, read_vocab
 from ..grammar import check_grammar
 from ..images import image_parts, load_image
 from ..prompt import image_order, render, render_marked
@@ -31,7 +31,8 @@ from ..stream import Tags
 from ..tokenizer import NotTekken, SpecialTokens, Tokenizer, check_text, llama_safe_segments
 from .devices import Placement, override_array, override_rules, place
 from .events import ChatStream, Done, Event, Timings, Usage
-from .library import last_error, llama, log_mark, put_row
+from .library import kv_override_array, last_error, llama, log_mark, put_row
+from .repair import describe, has_img_break, repaired_mmproj, temperature_overrides
 from .options import FLASH_ATTN, KV_TYPES, EngineOptions, Sampling, check_cache_types, check_model_path
 from .token_events import TokenEvents
 from .vision import Vision, reusable_prefix
@@ -91,6 +92,12 @@ class Engine:
         self._overrides = override_array(override_rules(popts, info.n_layer if info else None))
         if self._overrides is not None:
             mparams.tensor_buft_overrides = ctypes.addressof(self._overrides)
+        self.repairs: list[str] = []  # what was made right at load (repair.py), one line each
+        fixes = temperature_overrides(info) if info is not None and opts.repair else {}
+        self._kv_overrides = kv_override_array(fixes)
+        if self._kv_overrides is not None:
+            mparams.kv_overrides = self._kv_overrides
+            self._notice(describe(fixes, self.path.name))
 
         def on_progress(p: float, _user: Any) -> bool:
             if progress is not None:
@@ -141,12 +148,35 @@ class Engine:
             if mmproj is not None:
                 gpu = self.placement.applied and popts.n_gpu_layers not in (None, 0)
                 try:
-                    self.vision = Vision(mmproj, model=self.model, model_name=self.path.name, n_embd=self.n_embd,
+                    usable = self._usable_mmproj(mmproj, info) if opts.repair else mmproj
+                    self.vision = Vision(usable, model=self.model, model_name=self.path.name, n_embd=self.n_embd,
                                          img_id=self._special_id("[IMG]"), options=opts, use_gpu=bool(gpu))
                 except BaseException:
                     self.close()
                     raise
                 self.mmproj = mmproj
+
+    def _notice(self, text: str, repair: bool = True) -> None:
+        """Tell the caller once: in `notices`, and as an Ms4localNotice warning (the CLI prints those)."""
+        self.notices.append(text)
+        if repair:
+            self.repairs.append(text)
+        warnings.warn(text, Ms4localNotice, stacklevel=3)
+
+    def _usable_mmproj(self, mmproj: Path, info: ModelInfo | None) -> Path:
+        """`mmproj`, or a repaired copy when it lacks the [IMG_BREAK] row libmtmd requires (repair.py)."""
+        try:
+            if has_img_break(mmproj):
+                return mmproj
+        except ModelLoadError:
+            return mmproj  # unreadable: Vision names the reason
+        img_break = self._special_id("[IMG_BREAK]")
+        if img_break is None or info is None:
+            return mmproj
+        repaired = repaired_mmproj(mmproj, info, img_break)
+        self._notice(f"{mmproj.name} lacks the [IMG_BREAK] row (llama.cpp's converter omits it); using a copy with "
+                     f"{self.path.name}'s own row: {repaired} (--no-repair to keep the file as it is)")
+        return repaired
 
     # ----------------------------------------------------------------------------- vision
     @property
@@ -290,10 +320,8 @@ class Engine:
                              add_bos=bool(L.llama_vocab_get_add_bos(self.vocab)),
                              add_eos=bool(L.llama_vocab_get_add_eos(self.vocab)))
         except (NotTekken, ModelLoadError) as e:
-            notice = (f"{self.path.name}: {e}; its text is tokenized by llama.cpp, whose ids can differ from "
-                      "mistral-common's (text with combining marks)")
-            self.notices.append(notice)
-            warnings.warn(notice, Ms4localNotice, stacklevel=3)
+            self._notice(f"{self.path.name}: {e}; its text is tokenized by llama.cpp, whose ids can differ from "
+                         "mistral-common's (text with combining marks)", repair=False)
             return None
 
     def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:

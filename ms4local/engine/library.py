@@ -164,6 +164,24 @@ def schema_converter() -> tuple[Any, Any]:
     return RESERVED_NAMES, SchemaConverter
 
 
+def kv_override_array(values: dict[str, float | int | bool]) -> Any:
+    """A zero-terminated llama_model_kv_override[] for `values` (None when empty), as llama.cpp's
+    `--override-kv` builds it; the caller keeps it alive while the model loads."""
+    if not values:
+        return None
+    L = llama()
+    arr = (L.llama_model_kv_override * (len(values) + 1))()
+    for i, (key, value) in enumerate(values.items()):
+        arr[i].key = key.encode()
+        if isinstance(value, bool):
+            arr[i].tag, arr[i].value.val_bool = L.LLAMA_KV_OVERRIDE_TYPE_BOOL, value
+        elif isinstance(value, int):
+            arr[i].tag, arr[i].value.val_i64 = L.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        else:
+            arr[i].tag, arr[i].value.val_f64 = L.LLAMA_KV_OVERRIDE_TYPE_FLOAT, float(value)
+    return arr  # the zeroed last entry (empty key) is the terminator
+
+
 def put_row(batch: Any, i: int, pos: int, seq: int, logits: bool, token: int | None = None) -> None:
     """Fill row `i` of a llama_batch: one position of sequence `seq` (a token id, or an embedding
     row already copied into `batch.embd` when `token` is None), with its logits wanted or not."""

@@ -51,6 +51,9 @@ class EngineOptions:
     # Sequences in the context (`serve --parallel N`): N conversations decode together in one batch,
     # each in its own KV cells of ctx_size/N tokens, as llama-server splits them (see `Slots`).
     parallel: int = 1
+    # Make third-party files right at load (engine/repair.py): the Llama-4 query temperature keys
+    # llama.cpp's converter omits, and an mmproj without its [IMG_BREAK] row. `--no-repair` turns it off.
+    repair: bool = True
 
     @property
     def manual_placement(self) -> bool:
