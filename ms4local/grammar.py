@@ -1,13 +1,15 @@
-"""GBNF for JSON-schema integer bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`),
-and the limits on what a schema may make the grammar converter and llama.cpp's grammar parser build.
+"""Every GBNF grammar ms4local writes, built in this one module: JSON schemas → rules (`json_grammar`,
+over llama.cpp's own converter), integer bounds the converter ignores, and the limits on what a
+schema may make the converter and llama.cpp's grammar parser build.
 
-llama-cpp-python 0.3.36's copy of llama.cpp's schema converter ignores these keywords for integers
-(a TODO in its source), so a `json_schema` response format with `{"type": "integer", "minimum": 1,
-"maximum": 5}` could yield 9 and fail validation. `json_grammar` (engine.py) hands bounded integers
-to `integer_rule` instead. The rule accepts exactly the decimal integers in the range, written as
-JSON writes them (no leading zeros, no "+"), built digit by digit the way range regexes are: split
-the range at powers of ten, then within one length at the first digit where the bounds part.
-Pure Python, no llama.cpp: tests check it against llama.cpp's own grammar engine.
+llama-cpp-python 0.3.36's copy of llama.cpp's schema converter ignores `minimum`, `maximum`,
+`exclusiveMinimum` and `exclusiveMaximum` for integers (a TODO in its source), so a `json_schema`
+response format with `{"type": "integer", "minimum": 1, "maximum": 5}` could yield 9 and fail
+validation. `json_grammar` hands bounded integers to `integer_rule` instead. That rule accepts
+exactly the decimal integers in the range, written as JSON writes them (no leading zeros, no "+"),
+built digit by digit the way range regexes are: split the range at powers of ten, then within one
+length at the first digit where the bounds part. Pure Python, no llama.cpp: tests check it against
+llama.cpp's own grammar engine.
 
 Limits (`check_schema`, `check_grammar`): the converter writes `minLength: n` as n copies of the
 character rule and `maxLength: m` as m - n nested optional groups, and llama.cpp expands `x{n}`
@@ -35,6 +37,49 @@ MAX_GRAMMAR_CHARS = 4 * 2**20  # GBNF text handed to llama.cpp's parser (a few M
 COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems")
 VALUE_KEYS = ("enum", "const", "default", "examples")  # JSON values, not schemas: not walked
 _QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def json_grammar(schemas: dict[str, Any]) -> str:
+    """GBNF with one rule per entry of `schemas` (rule name → JSON schema), each matching the JSON
+    values the schema allows, plus the helper rules they share. The caller writes `root`.
+
+    llama-cpp-python's copy of llama.cpp's schema converter does the work, so a schema means here
+    what it means to llama-server. It signals unsupported schemas with asserts, ValueErrors and
+    KeyErrors alike (and recursion for self-referencing ones), so every failure becomes one
+    PromptError naming the schema as the cause.
+    """
+    from .engine import llama  # here, not at the top: the engine imports this module's checks
+
+    llama()
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+
+    class Converter(SchemaConverter):
+        """The converter, plus integer bounds (`integer_rule`), which this copy ignores."""
+
+        def visit(self, schema: Any, name: str) -> str:
+            bounds = integer_bounds(schema) if isinstance(schema, dict) and schema.get("type") == "integer" \
+                and not {"$ref", "oneOf", "anyOf", "allOf", "const", "enum"} & set(schema) else None
+            if bounds is None:
+                return super().visit(schema, name)
+            rule = name + "-" if name in RESERVED_NAMES else name or "root"
+            return self._add_rule(rule, integer_rule(*bounds))
+
+    check_schema(*schemas.values())  # the converter expands counts in Python: bounded first
+    conv = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    for name, schema in schemas.items():
+        try:
+            key = conv.visit(conv.resolve_refs(schema, "request"), name)
+            if key != name:  # a primitive schema gets the primitive's rule name: point `name` at it
+                conv._add_rule(name, key)
+        except RecursionError:
+            raise PromptError("the JSON schema nests or refers to itself too deeply to become a grammar") from None
+        except PromptError:
+            raise
+        except Exception as e:  # the converter's own checks; see the docstring
+            raise PromptError(f"the JSON schema cannot be turned into a grammar: {e or type(e).__name__}") from None
+    grammar = conv.format_grammar()
+    check_grammar(grammar)
+    return grammar
 
 
 def check_schema(*schemas: Any) -> None:

@@ -27,8 +27,9 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_session import default_sampling
-from ..engine import Delta, Done, Engine, Sampling, json_grammar
+from ..engine import Delta, Done, Engine, Sampling
 from ..errors import Ms4localError, OptionsError
+from ..grammar import json_grammar
 from ..stream import MalformedToolCall, Tag, ToolCall, ToolCallDelta
 from . import errors as E
 from .errors import APIError, bad_request
