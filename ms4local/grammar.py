@@ -1,6 +1,7 @@
-"""Every GBNF grammar ms4local writes, built in this one module: JSON schemas → rules (`json_grammar`,
-over llama.cpp's own converter), integer bounds the converter ignores, and the limits on what a
-schema may make the converter and llama.cpp's grammar parser build.
+"""Every GBNF grammar ms4local writes, built in this one module: a server answer held to JSON or
+tool calls (`answer_grammar`), JSON schemas → rules (`json_grammar`, over llama.cpp's own
+converter), integer bounds the converter ignores, and the limits on what a schema may make the
+converter and llama.cpp's grammar parser build.
 
 llama-cpp-python 0.3.36's copy of llama.cpp's schema converter ignores `minimum`, `maximum`,
 `exclusiveMinimum` and `exclusiveMaximum` for integers (a TODO in its source), so a `json_schema`
@@ -22,11 +23,14 @@ before anything is built.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import PromptError
+from .stream import Tag
 
 MAX_DIGITS = 16  # as the converter's `integral-part` (and enough for any 53-bit JSON integer)
 BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
@@ -80,6 +84,40 @@ def json_grammar(schemas: dict[str, Any]) -> str:
     grammar = conv.format_grammar()
     check_grammar(grammar)
     return grammar
+
+
+def answer_grammar(tags: Mapping[Tag, int], *, json_schema: Any = None, tools: Sequence[tuple[str, Any]] | None = None,
+                   calls_only: bool = False, one_call: bool = False, think: bool = False) -> str:
+    """GBNF for a whole answer: JSON valid against `json_schema`, or tool calls, or either.
+
+    A tool call is `[TOOL_CALLS]name[ARGS]{arguments}` for one of `tools` ((name, parameters
+    schema) pairs), its control tokens written by id (`<[id]>`, from `tags`, which must hold
+    [TOOL_CALLS] and [ARGS]), as the model writes them unconstrained; one call with `one_call`,
+    else one or more. With `calls_only` the answer must be tool calls, and `json_schema`, when
+    given, is converted (so a bad one is still refused) but is no alternative. With `think`, and
+    the vocabulary's [THINK] and [/THINK], the answer starts with the block the model writes at
+    high effort. PromptError for a schema that cannot become a grammar.
+    """
+    schemas: dict[str, Any] = {}
+    rules: list[str] = []
+    answers: list[str] = []
+    if json_schema is not None:
+        schemas["ms4-json"] = json_schema
+        if not calls_only:
+            answers.append("ms4-json")
+    if tools is not None:
+        alts = []
+        for k, (name, parameters) in enumerate(tools):
+            schemas[f"ms4-args-{k}"] = parameters
+            alts.append(f"{json.dumps(name)} <[{tags[Tag.ARGS]}]> ms4-args-{k}")
+        rules.append(f"ms4-call ::= <[{tags[Tag.TOOL_CALLS]}]> ({' | '.join(alts)})")
+        answers.append("ms4-call" if one_call else "ms4-call+")
+    start = ""
+    if think and Tag.THINK in tags and Tag.THINK_END in tags:
+        rules.append(f"ms4-think ::= <[{tags[Tag.THINK]}]> (!<[{tags[Tag.THINK_END]}]>)* <[{tags[Tag.THINK_END]}]>")
+        start = "ms4-think "
+    shared = json_grammar(schemas)
+    return "\n".join([f"root ::= {start}({' | '.join(answers)})", *rules, shared])
 
 
 def check_schema(*schemas: Any) -> None:
