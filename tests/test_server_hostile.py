@@ -17,7 +17,7 @@ import pytest
 
 from conftest import BIN
 from ms4local.grammar import MAX_REPEAT
-from ms4local.server.app import MAX_STOP_CHARS
+from ms4local.server.translate import MAX_STOP_CHARS
 from serving import KEY, assert_error, metric, running, stream, user
 
 
