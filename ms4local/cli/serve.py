@@ -11,7 +11,7 @@ import typer
 from quantize.units import parse_size
 
 from .. import ui
-from ..engine import Engine
+from ..engine import Engine, Sampling
 from . import options
 from .errors import fail, handle_errors
 
@@ -80,10 +80,11 @@ def serve(
         image_max_tokens=image_max_tokens)
     opts = replace(opts, parallel=parallel)
     opts.check()
+    sampling = Sampling(top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens)
     config = ServerConfig(
         model_id=alias or Path(model).name.removesuffix(".gguf"), api_key=api_key,
-        reasoning_effort=reasoning_effort, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repeat_penalty=repeat_penalty, max_tokens=max_tokens,
+        reasoning_effort=reasoning_effort, temperature_by_effort=temp is None,
+        sampling=sampling if temp is None else replace(sampling, temperature=temp),
         images=ImagePolicy(allow_urls=allow_image_urls, allow_local_files=allow_local_files),
         max_body_bytes=parse_size(max_body_size))
     config.check()  # an empty --api-key, or defaults that every request would be refused for

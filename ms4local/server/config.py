@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..engine import Sampling
 from ..errors import OptionsError
 from .images import ImagePolicy
 
@@ -21,12 +22,10 @@ class ServerConfig:
     model_id: str
     api_key: str | None = None  # None: no auth; an empty key is refused by `check`
     reasoning_effort: str = "none"
-    temperature: float | None = None  # None: 0.7 with high effort, 0.1 with none (Mistral's guidance)
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    max_tokens: int = 2048
+    # What a request that leaves a sampling value out gets (its seed, grammar and logit_bias are the
+    # request's own). The temperature counts only with `temperature_by_effort` off (`serve --temp`).
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=2048))
+    temperature_by_effort: bool = True  # 0.7 with high effort, 0.1 with none (Mistral's guidance)
     images: ImagePolicy = field(default_factory=ImagePolicy)
     max_body_bytes: int = 32 * 2**20
     created: int = field(default_factory=lambda: int(time.time()))
@@ -37,10 +36,12 @@ class ServerConfig:
                                          or not self.api_key.isprintable() or self.api_key != self.api_key.strip()):
             raise OptionsError("--api-key must be a non-empty key of printable ASCII characters without surrounding "
                                "spaces (leave the option out to serve without a key)")
-        for flag, param, value in (("--temp", "temperature", self.temperature), ("--top-p", "top_p", self.top_p),
-                                   ("--top-k", "top_k", self.top_k), ("--min-p", "min_p", self.min_p),
-                                   ("--repeat-penalty", "repeat_penalty", self.repeat_penalty),
-                                   ("-n/--max-tokens", "max_tokens", self.max_tokens)):
+        s = self.sampling
+        temperature = None if self.temperature_by_effort else s.temperature
+        for flag, param, value in (("--temp", "temperature", temperature), ("--top-p", "top_p", s.top_p),
+                                   ("--top-k", "top_k", s.top_k), ("--min-p", "min_p", s.min_p),
+                                   ("--repeat-penalty", "repeat_penalty", s.repeat_penalty),
+                                   ("-n/--max-tokens", "max_tokens", s.max_tokens)):
             problem = None if value is None else out_of_range(param, value)
             if problem:
                 raise OptionsError(f"{flag}: {problem}")

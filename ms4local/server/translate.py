@@ -47,13 +47,14 @@ def sampling_of(config: ServerConfig, body: ChatRequest | CompletionRequest, eff
         raise bad_request("only n=1 is supported", "n", "unsupported_value")
     if body.logprobs not in (None, False, 0):
         raise bad_request("logprobs are not supported by this server", "logprobs", "unsupported_value")
+    defaults = config.sampling
     temp = body.temperature if body.temperature is not None else (
-        config.temperature if config.temperature is not None else default_sampling(effort).temperature)
-    top_p = config.top_p if body.top_p is None else body.top_p
-    top_k = config.top_k if body.top_k is None else body.top_k
-    min_p = config.min_p if body.min_p is None else body.min_p
-    penalty = config.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty
-    n = config.max_tokens if max_tokens is None else max_tokens
+        default_sampling(effort).temperature if config.temperature_by_effort else defaults.temperature)
+    top_p = defaults.top_p if body.top_p is None else body.top_p
+    top_k = defaults.top_k if body.top_k is None else body.top_k
+    min_p = defaults.min_p if body.min_p is None else body.min_p
+    penalty = defaults.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty
+    n = defaults.max_tokens if max_tokens is None else max_tokens
     for param, value in (("temperature", temp), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
                          ("repeat_penalty", penalty), ("max_tokens", n)):
         problem = out_of_range(param, value)
