@@ -65,7 +65,6 @@ def sampling_of(config: ServerConfig, body: ChatRequest | CompletionRequest, eff
                     max_tokens=n, seed=seed, grammar=grammar, logit_bias=logit_bias_of(body.logit_bias))
 
 
-
 def logit_bias_of(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
     """OpenAI's `{"token id": bias}` with biases in [-100, 100]; ids beyond the vocabulary are
     refused by the engine when the sampler is built (a 400 as well)."""
