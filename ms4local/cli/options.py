@@ -16,9 +16,12 @@ from rich.table import Table
 from quantize.units import parse_size
 
 from .. import ui
-from ..engine import EngineOptions, Placement, place
+from ..engine import EngineOptions, Placement, Sampling, place
 from ..errors import OptionsError
 from ..placement import Plan
+
+# The sampling flags' defaults are the engine's own, written once in `Sampling` (read, never changed).
+SAMPLING = Sampling()
 
 Model = Annotated[str, typer.Argument(help="A GGUF file (the first file of a split set).", show_default=False)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: random).")]

@@ -11,7 +11,7 @@ import typer
 from quantize.units import parse_size
 
 from .. import ui
-from ..engine import Engine
+from ..engine import Engine, Sampling
 from . import options
 from .errors import fail, handle_errors
 
@@ -42,10 +42,10 @@ def serve(
     max_tokens: Annotated[int, typer.Option(
         "-n", "--max-tokens", help="Most tokens per answer when a request sets no max_tokens.")] = 2048,
     temp: options.Temp = None,
-    top_p: options.TopP = 0.95,
-    top_k: options.TopK = 40,
-    min_p: options.MinP = 0.05,
-    repeat_penalty: options.RepeatPenalty = 1.0,
+    top_p: options.TopP = options.SAMPLING.top_p,
+    top_k: options.TopK = options.SAMPLING.top_k,
+    min_p: options.MinP = options.SAMPLING.min_p,
+    repeat_penalty: options.RepeatPenalty = options.SAMPLING.repeat_penalty,
     ctx_size: options.CtxSize = 4096,
     threads: options.Threads = None,
     batch_size: options.BatchSize = 512,
@@ -80,10 +80,11 @@ def serve(
         image_max_tokens=image_max_tokens)
     opts = replace(opts, parallel=parallel)
     opts.check()
+    sampling = Sampling(top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens)
     config = ServerConfig(
         model_id=alias or Path(model).name.removesuffix(".gguf"), api_key=api_key,
-        reasoning_effort=reasoning_effort, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repeat_penalty=repeat_penalty, max_tokens=max_tokens,
+        reasoning_effort=reasoning_effort, temperature_by_effort=temp is None,
+        sampling=sampling if temp is None else replace(sampling, temperature=temp),
         images=ImagePolicy(allow_urls=allow_image_urls, allow_local_files=allow_local_files),
         max_body_bytes=parse_size(max_body_size))
     config.check()  # an empty --api-key, or defaults that every request would be refused for

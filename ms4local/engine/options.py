@@ -209,7 +209,7 @@ class Sampling:
     max_tokens: int = 512
     seed: int | None = None  # None: random
     # GBNF the output must match (llama.cpp's grammar syntax; `<[ID]>` is one token by id, as the
-    # server uses for [TOOL_CALLS]/[ARGS]); None: unconstrained. See `json_grammar`.
+    # server uses for [TOOL_CALLS]/[ARGS]); None: unconstrained. See `grammar.json_grammar`.
     grammar: str | None = None
     # OpenAI's logit_bias: (token id, bias added to its logit) pairs; -100 bans a token in practice.
     logit_bias: tuple[tuple[int, float], ...] = ()
