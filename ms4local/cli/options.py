@@ -11,14 +11,12 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from quantize.units import parse_size
 
 from .. import ui
 from ..engine import EngineOptions, Placement, place
 from ..errors import OptionsError
-from ..placement import Plan
 
 Model = Annotated[str, typer.Argument(help="A GGUF file (the first file of a split set).", show_default=False)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: random).")]
@@ -149,23 +147,6 @@ def resolve_placement(model: str, opts: EngineOptions) -> Placement:
     for notice in placement.notices:
         ui.err.print(f"note: {notice}", style="yellow", markup=False, highlight=False)
     if placement.plan is not None:
-        ui.err.print(placement_table(placement.plan, applied=placement.applied))
+        ui.err.print(ui.placement_table(placement.plan, applied=placement.applied))
     return placement
 
-
-def placement_table(plan: Plan, *, applied: bool = True) -> Table:
-    """What goes where, with bytes per device, and the llama.cpp flags that express it."""
-    how = f"-ngl {plan.n_gpu_layers} --n-cpu-moe {plan.n_cpu_moe}"
-    title = f"--fit placement for {plan.device} ({ui.human_bytes(plan.budget)} to spend): {how}"
-    if not applied:
-        title += " (not applied: no GPU)"
-    table = Table(title=title, header_style="bold")
-    table.add_column("what")
-    table.add_column("device")
-    table.add_column("tensors", justify="right")
-    table.add_column("bytes", justify="right")
-    for row in plan.rows:
-        table.add_row(row.what, row.device, str(row.tensors) if row.tensors else "", ui.human_bytes(row.nbytes))
-    table.caption = (f"GPU {ui.human_bytes(plan.gpu_bytes)} of {ui.human_bytes(plan.budget)} · "
-                     f"RAM {ui.human_bytes(plan.cpu_bytes)}")
-    return table
