@@ -74,8 +74,7 @@ def chat(
     image_max_tokens: options.ImageMaxTokens = 1024,
 ) -> None:
     """Chat with a GGUF model: interactive, or one-shot with --prompt; --image attaches pictures."""
-    if reasoning_effort not in ("none", "high"):
-        raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
+    options.check_reasoning_effort(reasoning_effort)
     if as_json and prompt is None:
         raise fail("--json needs --prompt (the interactive chat has no JSON output)", 2)
     options.check_text(**{"--prompt": prompt, "--system": system})

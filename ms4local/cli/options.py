@@ -3,7 +3,9 @@
 The engine options (context, batches, KV cache, flash attention, GPU placement) come as a set:
 a command declares the aliases it wants and hands the values to `engine_options(...)`, which
 returns the one `EngineOptions` the engine takes. Before loading, `resolve_placement` prints
-what the user must know (a GPU flag that does nothing here, the --fit plan as a table).
+what the user must know (a GPU flag that does nothing here, the --fit plan as a table). The
+checks of flags that several commands share (`check_text`, `check_reasoning_effort`,
+`max_tokens`) raise OptionsError, which the error table turns into one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from quantize.units import parse_size
 from .. import ui
 from ..engine import EngineOptions, Placement, place
 from ..errors import OptionsError
+from ..prompt import REASONING_EFFORTS
 
 Model = Annotated[str, typer.Argument(help="A GGUF file (the first file of a split set).", show_default=False)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: random).")]
@@ -88,6 +91,12 @@ def check_text(**flags: str | None) -> None:
             what = f"byte 0x{byte:02x}" if byte is not None else f"{value[e.start]!a}"
             raise OptionsError(f"{flag} is not valid UTF-8 text ({what} at character {e.start + 1}); "
                                "pass text in UTF-8") from None
+
+
+def check_reasoning_effort(effort: str) -> None:
+    """Raise OptionsError unless --reasoning-effort is one the model knows (none, high)."""
+    if effort not in REASONING_EFFORTS:
+        raise OptionsError(f"--reasoning-effort must be {' or '.join(REASONING_EFFORTS)}, got {effort!r}")
 
 
 UNTIL_FULL = 2**31 - 1  # -n -1: generation stops at the end of the context (which llama.cpp may pad above -c)

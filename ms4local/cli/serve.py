@@ -69,8 +69,7 @@ def serve(
         from ..server import serve as run
     except ImportError as e:
         raise fail(f"the server needs its extra dependencies ({e.name or e}): pip install 'ms4local[server]'") from None
-    if reasoning_effort not in ("none", "high"):
-        raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
+    options.check_reasoning_effort(reasoning_effort)
     if max_queue < 0 or max_tokens < 1 or not 0 < port < 65536:
         raise fail("--max-queue must be 0 or more, -n at least 1 and --port within 1-65535", 2)
     opts = options.engine_options(
