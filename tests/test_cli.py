@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN
+from helpers import BIN
 from ms4local import Engine, EngineOptions
 
 
