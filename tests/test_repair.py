@@ -112,7 +112,7 @@ def test_a_file_with_the_keys_is_left_alone(ckpt, gguf_file):
 def test_the_cli_announces_the_repair_once_and_info_shows_it(third_party, cli_env):
     import subprocess
 
-    from conftest import BIN
+    from helpers import BIN
 
     _, path = third_party
     out = subprocess.run([str(BIN / "ms4local"), "chat", str(path), "--prompt", "hello", "-n", "2", "-c", "256"], capture_output=True, text=True,

@@ -15,10 +15,10 @@ import time
 import openai
 import pytest
 
-from conftest import BIN
+from helpers import BIN
+from helpers.serving import KEY, assert_error, metric, running, stream, user
 from ms4local.grammar import MAX_REPEAT
 from ms4local.server.translate import MAX_STOP_CHARS
-from serving import KEY, assert_error, metric, running, stream, user
 
 
 @pytest.fixture(scope="module")

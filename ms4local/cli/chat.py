@@ -71,11 +71,11 @@ def chat(
     image: options.ImagePath = None,
     mmproj: options.Mmproj = None,
     no_mmproj: options.NoMmproj = False,
+    no_repair: options.NoRepair = False,
     image_max_tokens: options.ImageMaxTokens = 1024,
 ) -> None:
     """Chat with a GGUF model: interactive, or one-shot with --prompt; --image attaches pictures."""
-    if reasoning_effort not in ("none", "high"):
-        raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
+    options.check_reasoning_effort(reasoning_effort)
     if as_json and prompt is None:
         raise fail("--json needs --prompt (the interactive chat has no JSON output)", 2)
     options.check_text(**{"--prompt": prompt, "--system": system})
@@ -86,7 +86,7 @@ def chat(
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
         n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens)
+        image_max_tokens=image_max_tokens, no_repair=no_repair)
     images = list(image or [])
     if images and no_mmproj:
         raise fail("--image needs the vision projector; drop --no-mmproj", 2)

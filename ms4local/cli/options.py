@@ -3,7 +3,9 @@
 The engine options (context, batches, KV cache, flash attention, GPU placement) come as a set:
 a command declares the aliases it wants and hands the values to `engine_options(...)`, which
 returns the one `EngineOptions` the engine takes. Before loading, `resolve_placement` prints
-what the user must know (a GPU flag that does nothing here, the --fit plan as a table).
+what the user must know (a GPU flag that does nothing here, the --fit plan as a table). The
+checks of flags that several commands share (`check_text`, `check_reasoning_effort`,
+`max_tokens`) raise OptionsError, which the error table turns into one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from quantize.units import parse_size
 
 from .. import ui
 from ..engine import EngineOptions, Placement, Sampling, place
 from ..errors import OptionsError
-from ..placement import Plan
+from ..prompt import REASONING_EFFORTS
 
 # The sampling flags' defaults are the engine's own, written once in `Sampling` (read, never changed).
 SAMPLING = Sampling()
@@ -67,6 +68,7 @@ Mmproj = Annotated[Optional[str], typer.Option(
     "--mmproj", metavar="PATH", show_default=False,
     help="Vision projector GGUF. Default: an mmproj-*.gguf beside the model made for it.")]
 NoMmproj = Annotated[bool, typer.Option("--no-mmproj", help="Load no vision projector (text only, less memory).")]
+NoRepair = Annotated[bool, typer.Option("--no-repair", help="Load a third-party GGUF as it is: no temperature keys set, no projector copy with its [IMG_BREAK] row (see README).")]
 ImageMaxTokens = Annotated[int, typer.Option(
     "--image-max-tokens", metavar="N",
     help="Most merged patches per image (llama.cpp's default 1024 ≈ 896×896 px). The model was trained up to "
@@ -93,6 +95,12 @@ def check_text(**flags: str | None) -> None:
             what = f"byte 0x{byte:02x}" if byte is not None else f"{value[e.start]!a}"
             raise OptionsError(f"{flag} is not valid UTF-8 text ({what} at character {e.start + 1}); "
                                "pass text in UTF-8") from None
+
+
+def check_reasoning_effort(effort: str) -> None:
+    """Raise OptionsError unless --reasoning-effort is one the model knows (none, high)."""
+    if effort not in REASONING_EFFORTS:
+        raise OptionsError(f"--reasoning-effort must be {' or '.join(REASONING_EFFORTS)}, got {effort!r}")
 
 
 UNTIL_FULL = 2**31 - 1  # -n -1: generation stops at the end of the context (which llama.cpp may pad above -c)
@@ -124,7 +132,7 @@ def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_si
                    cache_type_v: str = "f16", n_gpu_layers: str | int | None = None, cpu_moe: bool = False,
                    n_cpu_moe: int = 0, override_tensor: list[str] | None = None, fit: bool | None = None,
                    vram: str | int | None = None, mmproj: str | None = None, no_mmproj: bool = False,
-                   image_max_tokens: int = 1024) -> EngineOptions:
+                   image_max_tokens: int = 1024, no_repair: bool = False) -> EngineOptions:
     """The command-line engine flags as one checked `EngineOptions` (raises OptionsError/SizeError).
 
     Everything that can be judged without the model is judged here, so a typo fails before the
@@ -137,7 +145,7 @@ def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_si
         n_gpu_layers=parse_gpu_layers(n_gpu_layers), cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
         override_tensor=list(override_tensor or []), fit=fit,
         vram=parse_size(vram) if isinstance(vram, str) else vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens)
+        image_max_tokens=image_max_tokens, repair=not no_repair)
     opts.check()
     return opts
 
@@ -152,23 +160,6 @@ def resolve_placement(model: str, opts: EngineOptions) -> Placement:
     for notice in placement.notices:
         ui.err.print(f"note: {notice}", style="yellow", markup=False, highlight=False)
     if placement.plan is not None:
-        ui.err.print(placement_table(placement.plan, applied=placement.applied))
+        ui.err.print(ui.placement_table(placement.plan, applied=placement.applied))
     return placement
 
-
-def placement_table(plan: Plan, *, applied: bool = True) -> Table:
-    """What goes where, with bytes per device, and the llama.cpp flags that express it."""
-    how = f"-ngl {plan.n_gpu_layers} --n-cpu-moe {plan.n_cpu_moe}"
-    title = f"--fit placement for {plan.device} ({ui.human_bytes(plan.budget)} to spend): {how}"
-    if not applied:
-        title += " (not applied: no GPU)"
-    table = Table(title=title, header_style="bold")
-    table.add_column("what")
-    table.add_column("device")
-    table.add_column("tensors", justify="right")
-    table.add_column("bytes", justify="right")
-    for row in plan.rows:
-        table.add_row(row.what, row.device, str(row.tensors) if row.tensors else "", ui.human_bytes(row.nbytes))
-    table.caption = (f"GPU {ui.human_bytes(plan.gpu_bytes)} of {ui.human_bytes(plan.budget)} · "
-                     f"RAM {ui.human_bytes(plan.cpu_bytes)}")
-    return table

@@ -61,6 +61,7 @@ def serve(
     vram: options.Vram = None,
     mmproj: options.Mmproj = None,
     no_mmproj: options.NoMmproj = False,
+    no_repair: options.NoRepair = False,
     image_max_tokens: options.ImageMaxTokens = 1024,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
@@ -69,15 +70,14 @@ def serve(
         from ..server import serve as run
     except ImportError as e:
         raise fail(f"the server needs its extra dependencies ({e.name or e}): pip install 'ms4local[server]'") from None
-    if reasoning_effort not in ("none", "high"):
-        raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
+    options.check_reasoning_effort(reasoning_effort)
     if max_queue < 0 or max_tokens < 1 or not 0 < port < 65536:
         raise fail("--max-queue must be 0 or more, -n at least 1 and --port within 1-65535", 2)
     opts = options.engine_options(
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
         n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens)
+        image_max_tokens=image_max_tokens, no_repair=no_repair)
     opts = replace(opts, parallel=parallel)
     opts.check()
     sampling = Sampling(top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens)

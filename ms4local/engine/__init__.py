@@ -20,8 +20,8 @@ from .core import Engine
 from .devices import Device, Placement, backends, buffer_types, devices, gpu_devices, place, system_info
 from .events import ChatStream, Delta, Done, Event, Timings, Usage
 from .library import llama, log_mark, log_text, mtmd, set_log_listener
-from .options import (MAX_CTX, EngineOptions, Sampling, check_cache_types, check_model_path, free_ram,
-                      parse_override)
+from ..system import free_ram
+from .options import MAX_CTX, EngineOptions, Sampling, check_cache_types, check_model_path, parse_override
 from .slots import Slots
 
 __all__ = [

@@ -141,21 +141,6 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def free_ram() -> int | None:
-    """Bytes of RAM available to a new allocation (Linux MemAvailable; elsewhere sysconf), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 MAX_CTX = 2**32 - 256  # llama.cpp's uint32 n_ctx, rounded up to its 256-cell padding
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 QUANTIZED_KV = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
