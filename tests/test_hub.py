@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from conftest import BIN
 from hub_stub import StubHub, loopback_only
 from ms4local import hub
 from ms4local.errors import (DiskSpaceError, HubAccessError, HubNameError, HubNetworkError, HubNotFoundError,
@@ -272,6 +277,70 @@ def test_inventory_and_remove(stub, env):
         hub.remove(HubName(REPO, "Q6_K"), hub=s)
     assert hub.remove(HubName(REPO), hub=s) == 540_000
     assert inventory(hub=s) == [] and not (env / "hf" / "hub" / "models--someone--Mistral-Small-4-119B-2603-GGUF").exists()
+
+
+# ------------------------------------------------------------------------------------------ the commands
+def cli(args, env, timeout=120):
+    return subprocess.run([str(BIN / "ms4local"), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def hub_cli_env(stub):
+    return dict(os.environ, HF_ENDPOINT=stub.url)
+
+
+def test_cli_pull_list_rm(stub, env, hub_cli_env):
+    gguf_repo(stub)
+    p = cli(["pull", f"{REPO}:Q8_0"], hub_cli_env)
+    assert p.returncode == 0, p.stderr
+    assert "mmproj-F16.gguf" in p.stderr and "Mistral-Small-4-Q8_0.gguf" in p.stderr and "to download" in p.stderr
+    again = cli(["pull", f"{REPO}:Q8_0"], hub_cli_env)
+    assert again.returncode == 0 and "all in the cache" in again.stderr and stub.gets().count("mmproj-F16.gguf") == 1
+    listed = json.loads(cli(["list", "--json"], hub_cli_env).stdout)
+    assert [(e["name"], e["quant"], e["bytes"], e["projector"], e["complete"]) for e in listed] == \
+        [(f"{REPO}:Q8_0", "Q8_0", 500_000, "mmproj-F16.gguf", True)]
+    p = cli(["rm", f"{REPO}:Q8_0"], hub_cli_env)
+    assert p.returncode == 0 and "freed" in p.stderr
+    assert json.loads(cli(["list", "--json"], hub_cli_env).stdout) == []
+
+
+def test_cli_errors_are_one_line(stub, env, hub_cli_env):
+    gguf_repo(stub, "org/gated", gated=True)
+    for args, code, text in ((["pull", "org/gated"], 1, "is gated (HTTP 401)"),
+                             (["pull", "org/missing:Q4_K_M"], 1, "no model repository org/missing"),
+                             (["pull", "org/gated/x"], 1, "is not a Hugging Face model name")):
+        p = cli(args, hub_cli_env)
+        assert p.returncode == code and text in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = cli(["pull", f"{REPO}:Q8_0"], dict(hub_cli_env, HF_HUB_OFFLINE="1"))
+    assert p.returncode == 1 and p.stderr.strip().endswith(f"run `ms4local pull {REPO}:Q8_0` with the network")
+    assert len(p.stderr.strip().splitlines()) == 1 and not any("/resolve/" in e.path for e in stub.log)
+
+
+def test_killed_pull_resumes(stub, env, hub_cli_env):
+    data = blob(24 * MiB, 9)
+    repo = stub.add(REPO, {"Mistral-Small-4-Q4_K_M.gguf": data})
+    stub.trickle("Mistral-Small-4-Q4_K_M.gguf", 1 * MiB, 0.15)
+    blobs = env / "hf" / "hub" / "models--someone--Mistral-Small-4-119B-2603-GGUF" / "blobs"
+    part = blobs / f"{repo.etag('Mistral-Small-4-Q4_K_M.gguf')}.incomplete"
+    proc = subprocess.Popen([str(BIN / "ms4local"), "pull", REPO], env=hub_cli_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (part.is_file() and part.stat().st_size >= 10 * MiB) and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = part.stat().st_size
+    assert 10 * MiB <= done < len(data)
+    assert not list(blobs.parent.joinpath("snapshots").rglob("*.gguf"))  # nothing under its final name
+    stub._trickle.clear()
+    p = cli(["pull", REPO], hub_cli_env)
+    assert p.returncode == 0, p.stderr
+    assert "resume from" in p.stderr
+    r = hub.resolve(HubName(REPO), hub=settings(stub, env, offline=True))
+    assert r.model.read_bytes() == data
+    assert stub.ranges()[-1] == ("Mistral-Small-4-Q4_K_M.gguf", f"bytes={done}-")
 
 
 def test_loopback_guard(env):
