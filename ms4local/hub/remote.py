@@ -156,8 +156,9 @@ class _Dropped(Exception):
 
 
 class _Meter:
-    """Reports the bytes on disk (complete blobs plus `.incomplete` ones) to `progress` from a
-    thread, as hf_hub_download has no byte callback of its own."""
+    """Reports the bytes on disk to `progress` from a thread, as hf_hub_download has no byte
+    callback of its own: complete blobs, plus the file being written for an unfinished one
+    (`<blob>.incomplete` over HTTP; hf_xet writes a `.<blob>.incomplete.<random>.tmp` beside it)."""
 
     def __init__(self, blobs: Path, files: tuple[RemoteFile, ...], progress: Progress | None) -> None:
         self.blobs, self.files, self.progress = blobs, files, progress
@@ -172,8 +173,8 @@ class _Meter:
         for f in self.files:
             if f.path in self.finished or (self.blobs / f.blob).is_file():
                 done += f.size
-            else:
-                done += min(f.size, _size(self.blobs / f"{f.blob}.incomplete"))
+            elif f.path == self.current:
+                done += min(f.size, max((_size(p) for p in self.blobs.glob(f"*{f.blob}.incomplete*")), default=0))
         return done
 
     def report(self) -> None:
@@ -202,17 +203,17 @@ class _Meter:
 
 @contextmanager
 def _quiet_hub_bars() -> Iterator[None]:
-    """huggingface_hub's own tqdm bars off while ms4local draws its bar (restored afterwards)."""
+    """huggingface_hub's own tqdm bars (HTTP and Xet) off while ms4local draws its bar (restored afterwards)."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    group = "huggingface_hub.http_get"
-    was = are_progress_bars_disabled(group)
-    disable_progress_bars(group)
+    groups = [g for g in ("huggingface_hub.http_get", "huggingface_hub.xet_get") if not are_progress_bars_disabled(g)]
+    for g in groups:
+        disable_progress_bars(g)
     try:
         yield
     finally:
-        if not was:
-            enable_progress_bars(group)
+        for g in groups:
+            enable_progress_bars(g)
 
 
 @contextmanager
