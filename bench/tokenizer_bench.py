@@ -34,7 +34,7 @@ from quantize import convert  # noqa: E402
 from quantize.synth import FULL_VOCAB, TinySpec, make_checkpoint, v15_tekken  # noqa: E402
 
 from ms4local import Engine, EngineOptions  # noqa: E402
-from ms4local.placement import read_vocab  # noqa: E402
+from ms4local.gguf_model import read_vocab  # noqa: E402
 from ms4local.tokenizer import Tokenizer  # noqa: E402
 
 SENTENCES = [

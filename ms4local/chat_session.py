@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .engine import Delta, Done, Sampling
+from .engine.events import Delta, Done
+from .engine.options import Sampling
 from .errors import Ms4localError, PromptError
 from .images import check_image
 from .prompt import REASONING_EFFORTS, check_messages, read_json

@@ -32,7 +32,7 @@ import numpy as np
 from .engine import Engine, EngineOptions
 from .errors import EvalError, VocabMismatchError
 from .info import vocab_size
-from .placement import read_model
+from .gguf_model import read_model
 
 DEFAULT_CTX = 512  # llama-perplexity's default -c
 SLICE = 64  # positions per log-softmax: float64 over 131072 tokens is 64 MiB a slice

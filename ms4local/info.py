@@ -1,6 +1,6 @@
 """What a GGUF holds and what it will cost to run: `ms4local info` as a library. No llama_cpp.
 
-Everything here comes from the GGUF header (`placement.read_model`, plus one walk over the
+Everything here comes from the GGUF header (`gguf_model.read_model`, plus one walk over the
 token arrays for the special tokens), so it answers in well under a second on a 67 GB file:
 no tensor data is read. The placement is the engine's own `--fit` planner called with the
 arguments `engine.place` gives it, so `info --vram 24G` shows exactly what `chat --vram 24G`
@@ -28,7 +28,9 @@ import numpy as np
 from quantize.gguf_header import SPLIT, split_count
 
 from .errors import ModelLoadError, OptionsError
-from .placement import DEFAULT_HEADROOM, ModelInfo, Plan, TensorInfo, compute_allowance, plan, read_model, read_vocab
+from .engine.repair import has_img_break, temperature_overrides
+from .gguf_model import ModelInfo, TensorInfo, find_mmproj, read_model, read_vocab
+from .placement import DEFAULT_HEADROOM, Plan, compute_allowance, plan
 
 # Tensor classes, in display order. The routed experts are what --n-cpu-moe moves to RAM;
 # "norms/router" are the small F32 tensors every quantizer leaves alone.
@@ -173,6 +175,9 @@ class Info:
     mmproj: Mmproj | None
     quant_report: dict[str, float] | None
     fit: Fit | None = None
+    # What the engine makes right at load (engine/repair.py): the temperature keys it sets, and
+    # whether the projector beside the model lacks its [IMG_BREAK] row.
+    repair: dict[str, object] = field(default_factory=dict)
 
     @property
     def params(self) -> int:
@@ -220,6 +225,7 @@ class Info:
             "mmproj": None if self.mmproj is None else {**asdict(self.mmproj), "path": str(self.mmproj.path)},
             "quant_report": self.quant_report,
             "fit": fit,
+            "repair": self.repair,
         }
 
 
@@ -334,19 +340,19 @@ def tokenizer_facts(m: ModelInfo) -> dict[str, object]:
     return out
 
 
-def find_mmproj(m: ModelInfo) -> Mmproj | None:
-    """A vision projector beside the model: `mmproj-*.gguf` whose projection_dim is the model's
-    embedding length (a projector for another model's hidden size would not load)."""
+def mmproj_beside(m: ModelInfo) -> Mmproj | None:
+    """The vision projector the engine would load beside the model (`gguf_model.find_mmproj`, the
+    one rule both use), described from its header."""
     width = m.key("embedding_length")
-    for cand in sorted(m.path.parent.glob("mmproj-*.gguf")):
-        try:
-            mm = read_model(cand)
-        except ModelLoadError:
-            continue
-        if mm.metadata.get("clip.vision.projection_dim") == width:
-            return Mmproj(cand, str(mm.metadata.get("clip.projector_type", "?")), int(width),  # type: ignore[arg-type]
-                          file_type_name(mm.metadata.get("general.file_type")), mm.nbytes)
-    return None
+    cand = find_mmproj(m.path, int(width or 0))  # type: ignore[arg-type]
+    if cand is None:
+        return None
+    try:
+        mm = read_model(cand)
+    except ModelLoadError:
+        return None
+    return Mmproj(cand, str(mm.metadata.get("clip.projector_type", "?")), int(width),  # type: ignore[arg-type]
+                  file_type_name(mm.metadata.get("general.file_type")), mm.nbytes)
 
 
 def _quant_report(path: Path) -> dict[str, float] | None:
@@ -505,7 +511,9 @@ def inspect(path: str | os.PathLike[str], *, vram: int | None = None, ram: int |
     info = Info(path=m.path, files=_files(m), model=m, file_type=file_type_name(m.metadata.get("general.file_type")),
                 architecture=architecture(m), tokenizer=tokenizer_facts(m),
                 template=template_features(m.metadata.get("tokenizer.chat_template")),  # type: ignore[arg-type]
-                classes=classes, types=types, mmproj=find_mmproj(m), quant_report=_quant_report(m.path))
+                classes=classes, types=types, mmproj=mmproj_beside(m), quant_report=_quant_report(m.path))
+    info = replace(info, repair={"temperature": temperature_overrides(m) or None,
+                                 "mmproj_img_break": info.mmproj is not None and not has_img_break(info.mmproj.path)})
     if vram is None and ram is None and gpu_bandwidth is None and cpu_bandwidth is None:
         return info
     f = fit(m, vram=vram or 0, ram=ram, n_ctx=n_ctx, type_k=type_k, type_v=type_v, n_ubatch=n_ubatch,

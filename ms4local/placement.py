@@ -1,4 +1,4 @@
-"""Where the weights go: a GGUF header reader and the `--fit` planner. Pure Python, no llama_cpp.
+"""Where the weights go: the `--fit` planner and the KV-cache sizes it needs. Pure Python, no llama_cpp.
 
 Mistral Small 4 is a 119 B-parameter MoE whose routed experts are ~95 % of the bytes but only
 4 of 128 run per token. So the placement that wins on one GPU is the one llama.cpp users reach
@@ -8,9 +8,7 @@ routed experts as still fit; the rest of the experts stay in RAM, where the CPU 
 4 it needs. The planner chooses N from the file's own tensor sizes, the KV cache and a compute
 allowance, so it is right for every quantization and context size without a table.
 
-The header comes from `quantize.gguf_header`, the one bounded GGUF header reader of the
-project (memory-mapped, token arrays stepped over, split sets read together), which the
-converter's GGUF → GGUF route uses too: both accept and refuse the same files.
+The model's sizes come from its header (`ms4local/gguf_model.py`), never from its tensor data.
 """
 
 from __future__ import annotations
@@ -18,12 +16,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from quantize.gguf_header import GGUFHeaderError, TensorInfo, read_header
-from quantize.gguf_header import read_vocab as gguf_read_vocab
+from quantize.gguf_header import TensorInfo
 
 from .errors import ModelLoadError
+from .gguf_model import ModelInfo
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -38,104 +35,6 @@ _LAYER = re.compile(r"^blk\.(\d+)\.")
 # workspaces and fragmentation are not in any buffer llama.cpp reports (llama.cpp's own
 # --fit leaves 1 GiB by default, `--fit-target`).
 DEFAULT_HEADROOM = 1 * GiB
-
-
-# ----------------------------------------------------------------------------- GGUF header
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the placement needs from a GGUF: hyper-parameters and every tensor's size."""
-
-    path: Path
-    arch: str
-    metadata: dict[str, object]  # scalars, strings and short arrays; long arrays are skipped
-    tensors: tuple[TensorInfo, ...]
-
-    def key(self, name: str, default: object = None) -> object:
-        """An architecture key without its prefix: key("block_count") → mistral4.block_count."""
-        return self.metadata.get(f"{self.arch}.{name}", default)
-
-    @property
-    def n_layer(self) -> int:
-        return int(self.key("block_count", 0))  # type: ignore[arg-type]
-
-    @property
-    def is_mla(self) -> bool:
-        """Multi-head latent attention (Mistral 4, DeepSeek): the cache holds one latent K row."""
-        return self.key("attention.kv_lora_rank") is not None
-
-    @property
-    def head_k(self) -> int:
-        """Elements of one cached K row per KV head (MLA: kv_lora + rope = 320)."""
-        if self.is_mla:
-            return int(self.key("attention.kv_lora_rank")) + int(self.key("rope.dimension_count", 0))  # type: ignore[arg-type]
-        return int(self.key("attention.key_length") or self._head_dim())  # type: ignore[arg-type]
-
-    @property
-    def head_v(self) -> int:
-        """Elements of one V row per KV head (MLA: kv_lora = 256, a view into the K row)."""
-        if self.is_mla:
-            return int(self.key("attention.kv_lora_rank"))  # type: ignore[arg-type]
-        return int(self.key("attention.value_length") or self._head_dim())  # type: ignore[arg-type]
-
-    @property
-    def head_count_kv(self) -> int:
-        v = self.key("attention.head_count_kv", self.key("attention.head_count", 1))
-        return int(max(v) if isinstance(v, list) else v)  # type: ignore[arg-type]
-
-    def _head_dim(self) -> int:
-        return int(self.key("embedding_length", 0)) // max(1, int(self.key("attention.head_count", 1)))  # type: ignore[arg-type]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-
-def read_vocab(path: str | Path) -> tuple[list[str], list[int]]:
-    """The token texts and token types of a GGUF, by id (for ms4local/tokenizer.py); the reader is
-    `quantize.gguf_header`'s, its errors become ModelLoadError here."""
-    try:
-        return gguf_read_vocab(Path(path))
-    except GGUFHeaderError as e:
-        raise ModelLoadError(str(e)) from None
-
-
-def read_model(path: str | Path) -> ModelInfo:
-    """Header of a GGUF (all files of a split set, given the first); no tensor data is read.
-
-    The reader is the converter's (`quantize.gguf_header`), so that `info`, `--fit` and the
-    GGUF → GGUF route accept and refuse the same files; its errors become ModelLoadError here."""
-    try:
-        header = read_header(path)
-    except GGUFHeaderError as e:
-        raise ModelLoadError(str(e)) from None
-    arch = str(header.metadata.get("general.architecture", "?"))
-    _check_types(header.path, arch, header.metadata)
-    return ModelInfo(path=header.path, arch=arch, metadata=header.metadata, tensors=header.tensors)
-
-
-# Keys read as counts or ids (ModelInfo, the planner, `info`): a string or a float there is a corrupt
-# file, refused here instead of a ValueError deep in the planner.
-_COUNTS = ("block_count", "embedding_length", "context_length", "vocab_size", "expert_count", "expert_used_count",
-           "expert_shared_count", "expert_gating_func", "attention.head_count", "attention.head_count_kv",
-           "attention.key_length", "attention.value_length", "attention.kv_lora_rank", "rope.dimension_count")
-_GLOBAL_COUNTS = ("general.file_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                  "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "clip.vision.projection_dim")
-_STRINGS = ("general.architecture", "general.name", "tokenizer.chat_template", "tokenizer.ggml.model")
-
-
-def _check_types(path: Path, arch: str, meta: dict[str, object]) -> None:
-    def count(x: object) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-    for key in [f"{arch}.{k}" for k in _COUNTS] + list(_GLOBAL_COUNTS):
-        v = meta.get(key)
-        per_layer = key.endswith(".head_count_kv") and isinstance(v, list) and v  # llama.cpp allows one per layer
-        if v is not None and not (all(count(x) for x in v) if per_layer else count(v)):  # type: ignore[union-attr]
-            raise ModelLoadError(f"{path.name}: {key} is {str(v)[:40]!r}, not a count (corrupt header)")
-    for key in _STRINGS:
-        v = meta.get(key)
-        if v is not None and not isinstance(v, str):
-            raise ModelLoadError(f"{path.name}: {key} is {str(v)[:40]!r}, not a string (corrupt header)")
 
 
 # ----------------------------------------------------------------------------- sizes

@@ -13,6 +13,7 @@ import pytest
 
 from ms4local import Engine, EngineOptions, Sampling
 from ms4local import engine as eng
+from ms4local.engine import core
 from ms4local.engine import Delta
 from ms4local.errors import ContextError, ModelLoadError
 
@@ -42,7 +43,7 @@ def turn(e: Engine, messages, *, effort=None, max_tokens=8):
 def test_public_import():
     out = subprocess.run([sys.executable, "-c", "from ms4local import Engine, EngineOptions, Sampling; print(Engine)"],
                          capture_output=True, text=True)
-    assert out.returncode == 0 and "ms4local.engine.Engine" in out.stdout
+    assert out.returncode == 0 and "ms4local.engine." in out.stdout and "Engine'>" in out.stdout
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -200,7 +201,7 @@ def test_load_errors_carry_llamas_reason_even_after_a_long_log(model, tmp_path):
 
 
 def test_context_errors_carry_llamas_reason(model, monkeypatch):
-    monkeypatch.setattr(eng, "check_cache_types", lambda *a: None)  # let llama.cpp refuse it itself
+    monkeypatch.setattr(core, "check_cache_types", lambda *a: None)  # let llama.cpp refuse it itself
     with pytest.raises(ContextError, match=r"does not support different K \(f32\) and V \(f16\)"):
         Engine(model, EngineOptions(ctx_size=64, type_k="f32", type_v="f16"))
 
@@ -243,7 +244,8 @@ def test_a_decode_interrupted_before_it_was_recorded_is_trimmed(model, monkeypat
 
 def test_ctx_size_is_judged_from_the_header_before_loading(model):
     from ms4local.errors import OptionsError
-    from ms4local.placement import kv_cache_bytes, read_model
+    from ms4local.gguf_model import read_model
+    from ms4local.placement import kv_cache_bytes
 
     notices = eng.place(model, EngineOptions(ctx_size=65536)).notices
     assert f"-c 65536 is above the 32768 tokens {model.name} was trained for; answers may degrade past that length" \

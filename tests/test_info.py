@@ -20,7 +20,8 @@ from conftest import BIN
 from ms4local import EngineOptions
 from ms4local.engine import place
 from ms4local.info import inspect, template_features
-from ms4local.placement import DEFAULT_HEADROOM, GiB, MiB, compute_allowance, kv_cache_bytes, read_model
+from ms4local.gguf_model import read_model
+from ms4local.placement import DEFAULT_HEADROOM, GiB, MiB, compute_allowance, kv_cache_bytes
 from quantize import convert
 from quantize.synth import TinySpec
 

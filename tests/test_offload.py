@@ -20,6 +20,8 @@ from typer.testing import CliRunner
 from conftest import BIN, ROOT
 from ms4local import Engine, EngineOptions, Sampling
 from ms4local import engine as eng
+from ms4local.engine import core
+from ms4local.engine.devices import override_array
 from ms4local.cli import options as o
 from ms4local.cli.errors import handle_errors
 from ms4local.errors import ContextError, OptionsError
@@ -110,7 +112,7 @@ def test_bad_override_rules_are_typed_errors():
         with pytest.raises(OptionsError, match=match):
             EngineOptions(override_tensor=[rule]).check()
     with pytest.raises(OptionsError, match="no buffer type 'NOPE'.*CPU"):
-        Engine._override_array(["x=NOPE"])
+        override_array(["x=NOPE"])
     with pytest.raises(OptionsError, match="--no-fit"):
         EngineOptions(fit=True, cpu_moe=True).check()
 
@@ -125,7 +127,7 @@ def mla96(ckpt, gguf_file):
 def _llama_accepts(path, type_k, type_v, fa, monkeypatch) -> tuple[bool, str]:
     """What llama.cpp itself says, with ms4local's check taken out of the way."""
     with monkeypatch.context() as m:
-        m.setattr(eng, "check_cache_types", lambda *a: None)
+        m.setattr(core, "check_cache_types", lambda *a: None)
         try:
             with Engine(path, EngineOptions(ctx_size=64, type_k=type_k, type_v=type_v, flash_attn=fa)) as e:
                 list(e.generate(e.tokenize("Bonjour"), Sampling(max_tokens=1, seed=0)))

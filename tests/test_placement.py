@@ -16,8 +16,8 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 
 from ms4local.errors import ModelLoadError
-from ms4local.placement import (EXPERTS_REGEX, GiB, MiB, compute_allowance, expert_overrides, kv_cache_bytes,
-                                plan, read_model)
+from ms4local.gguf_model import read_model
+from ms4local.placement import EXPERTS_REGEX, GiB, MiB, compute_allowance, expert_overrides, kv_cache_bytes, plan
 from quantize import convert
 
 EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")

@@ -121,6 +121,14 @@ def render(r: Info) -> None:
               if tf["present"] else "none (re-convert with `ms4local quantize`)")
     t.add_row("vision projector", f"{r.mmproj.path.name} ({r.mmproj.projector}, {r.mmproj.file_type}, "
                                   f"{ui.human_bytes(r.mmproj.nbytes)})" if r.mmproj else "none found beside the model")
+    fixes = []
+    if r.repair.get("temperature"):
+        fixes.append("query temperature keys missing (llama.cpp's converter): set at load to "
+                     + ", ".join(f"{k.split('.')[-1]} {v}" for k, v in r.repair["temperature"].items()))  # type: ignore[union-attr]
+    if r.repair.get("mmproj_img_break"):
+        fixes.append("the projector lacks its [IMG_BREAK] row: a repaired copy is made at load")
+    if fixes:
+        t.add_row("repair at load", escape("; ".join(fixes) + " (--no-repair turns it off)"), style="yellow")
     out.print(t)
 
     h = Table(title="tensors by class and type", header_style="bold")

@@ -16,7 +16,7 @@ from quantize.policy import FILE_TYPES
 from quantize.units import parse_size
 
 from .. import ui
-from ..placement import read_model
+from ..gguf_model import read_model
 from .errors import fail, handle_errors
 from .eval import result_table, run_eval
 
