@@ -9,21 +9,24 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN
 from hub_stub import StubHub, loopback_only
 from ms4local import hub
 from ms4local.errors import (DiskSpaceError, HubAccessError, HubNameError, HubNetworkError, HubNotFoundError,
                              HubOfflineError)
 from ms4local.hub import HubName, HubSettings, parse_name, select
+from ms4local.engine import Engine, EngineOptions
 from ms4local.hub.inventory import inventory
+from quantize.synth import TinySpec
 
 MiB = 2**20
 REPO = "someone/Mistral-Small-4-119B-2603-GGUF"
+MS4LOCAL = Path(sys.executable).parent / "ms4local"  # the venv's console script
 
 
 def blob(n: int, seed: int) -> bytes:
@@ -45,6 +48,16 @@ def test_parse_name():
         assert parse_name(path) is None, path
     with pytest.raises(HubNameError, match="org/repo:QUANT"):
         hub.require_name("models/x.gguf")
+
+
+def test_paths_are_not_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "repo").write_bytes(b"")
+    assert hub.hub_name("org/repo") is None  # an existing file
+    assert hub.hub_name("models/typo") is None  # its folder exists: a mistyped path, not a repo
+    assert hub.hub_name("someone/Model-GGUF:Q4_K_M") == HubName("someone/Model-GGUF", "Q4_K_M")
 
 
 FILES = ["README.md", "Mistral-Q4_K_M.gguf", "Mistral-q8_0.gguf", "Mistral-UD-Q4_K_XL.gguf",
@@ -281,7 +294,7 @@ def test_inventory_and_remove(stub, env):
 
 # ------------------------------------------------------------------------------------------ the commands
 def cli(args, env, timeout=120):
-    return subprocess.run([str(BIN / "ms4local"), *map(str, args)], capture_output=True, text=True, env=env,
+    return subprocess.run([str(MS4LOCAL), *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 
@@ -323,7 +336,7 @@ def test_killed_pull_resumes(stub, env, hub_cli_env):
     stub.trickle("Mistral-Small-4-Q4_K_M.gguf", 1 * MiB, 0.15)
     blobs = env / "hf" / "hub" / "models--someone--Mistral-Small-4-119B-2603-GGUF" / "blobs"
     part = blobs / f"{repo.etag('Mistral-Small-4-Q4_K_M.gguf')}.incomplete"
-    proc = subprocess.Popen([str(BIN / "ms4local"), "pull", REPO], env=hub_cli_env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([str(MS4LOCAL), "pull", REPO], env=hub_cli_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (part.is_file() and part.stat().st_size >= 10 * MiB) and time.monotonic() < deadline:
@@ -346,3 +359,64 @@ def test_killed_pull_resumes(stub, env, hub_cli_env):
 def test_loopback_guard(env):
     with pytest.raises(OSError, match="loopback only"):
         socket.create_connection(("192.0.2.1", 443), timeout=1)
+
+
+# ------------------------------------------------------------------------------------------ names in every command
+TINY_REPO = "someone/Tiny-Mistral-Small-4-GGUF"
+VIS = TinySpec(vocab=2000, vision_layers=3)
+
+
+def test_commands_take_hub_names(stub, env, hub_cli_env, ckpt, gguf_file):
+    model = gguf_file(ckpt(), "Q8_0")
+    stub.add(TINY_REPO, {"Tiny-Q8_0.gguf": model.read_bytes(), "Tiny-F16.gguf": b"not fetched"})
+    p = cli(["info", f"{TINY_REPO}:Q8_0", "--json"], hub_cli_env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["architecture"] and "Tiny-Q8_0.gguf" in p.stderr and "to download" in p.stderr
+    assert stub.gets() == ["Tiny-Q8_0.gguf"]
+    before = len(stub.log)
+    offline = dict(hub_cli_env, HF_HUB_OFFLINE="1")
+    p = cli(["tokenize", f"{TINY_REPO}:q8_0", "[INST]Bonjour[/INST]", "--json"], offline)
+    assert p.returncode == 0, p.stderr
+    with Engine(model, EngineOptions(vocab_only=True)) as e:
+        assert json.loads(p.stdout)["ids"] == e.tokenize("[INST]Bonjour[/INST]", add_special=True)
+    p = cli(["chat", f"{TINY_REPO}:Q8_0", "-p", "Hi", "-n", "2", "--seed", "1", "--json"], offline)
+    assert p.returncode == 0 and json.loads(p.stdout)["usage"]["completion_tokens"] <= 2, p.stderr
+    p = cli(["eval", f"{TINY_REPO}:Q8_0", "-c", "128", "--chunks", "1", "--json"], offline)
+    assert p.returncode == 0 and json.loads(p.stdout)["perplexity"] > 0, p.stderr
+    assert len(stub.log) == before  # resolved from the cache: not one request
+    # A quant the cache lacks, offline: one line that says what to run.
+    p = cli(["chat", f"{TINY_REPO}:F16", "-p", "Hi"], offline)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
+    assert f"run `ms4local pull {TINY_REPO}:F16` (11 B) with the network" in p.stderr
+    # `list` sees the cached quant and a conversion in models/ (arch mistral4 in its header).
+    (env / "models").mkdir()
+    (env / "models" / "Tiny-Q8_0.gguf").write_bytes(model.read_bytes())
+    rows = json.loads(cli(["list", "--json"], offline).stdout)
+    assert [(r["name"], r["where"], r["quant"]) for r in rows] == [
+        (f"{TINY_REPO}:Q8_0", "hub cache", "Q8_0"), (str(env / "models" / "Tiny-Q8_0.gguf"), "models", "Q8_0")]
+
+
+def test_projector_from_another_folder_reaches_the_engine(stub, env, hub_cli_env, ckpt, gguf_file, tmp_path):
+    from PIL import Image
+
+    model = gguf_file(ckpt(VIS), "Q8_0")
+    (mmproj,) = model.parent.glob("mmproj-*.gguf")
+    stub.add(TINY_REPO, {"Q8_0/Tiny-Q8_0.gguf": model.read_bytes(), "mmproj-Tiny-F16.gguf": mmproj.read_bytes()})
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(tmp_path / "red.png")
+    p = cli(["chat", f"{TINY_REPO}:Q8_0", "--image", tmp_path / "red.png", "-p", "What?", "-n", "1", "--json"],
+            hub_cli_env)
+    assert p.returncode == 0, p.stderr
+    assert stub.gets() == ["mmproj-Tiny-F16.gguf", "Q8_0/Tiny-Q8_0.gguf"]
+
+
+def test_quantize_takes_a_checkpoint_repo(stub, env, hub_cli_env, ckpt):
+    src = ckpt()
+    files = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}
+    files["consolidated.safetensors"] = b"the native-format copy: never fetched"
+    stub.add("someone/Tiny-Small-4", files)
+    p = cli(["chat", "someone/Tiny-Small-4", "-p", "Hi"], hub_cli_env)
+    assert p.returncode == 1 and "is a safetensors checkpoint, not a GGUF" in p.stderr and stub.gets() == []
+    p = cli(["quantize", "someone/Tiny-Small-4", "--type", "Q8_0", "--no-report"], hub_cli_env)
+    assert p.returncode == 0, p.stderr
+    assert (env / "models" / "Tiny-Small-4-Q8_0.gguf").is_file()
+    assert "consolidated.safetensors" not in stub.gets() and "config.json" in stub.gets()

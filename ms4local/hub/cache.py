@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HubNotFoundError
-from .names import HubName, Selection, is_model_gguf, select
+from .names import HubName, Selection, is_model_gguf, require_kind, select
 from .settings import HubSettings
 
 
@@ -105,11 +105,13 @@ def checkpoint_complete(files: dict[str, Path]) -> bool:
     return all(s in files for s in shards)
 
 
-def resolve_cached(name: HubName, *, mmproj: bool = True, hub: HubSettings) -> Resolved | None:
+def resolve_cached(name: HubName, *, mmproj: bool = True, kind: str | None = None,
+                   hub: HubSettings) -> Resolved | None:
     """`name` from the cache alone (no network), or None when its model is not all there.
 
     The projector is the best one the cache holds: `pull` fetches it before the model, so a
-    complete model means its projector was fetched too (unless the pull asked for none).
+    complete model means its projector was fetched too (unless the pull asked for none). `kind`
+    ("gguf", "checkpoint") refuses the other kind (names.require_kind).
     """
     repo = cached_repo(hub, name.repo_id)
     if repo is None:
@@ -118,6 +120,7 @@ def resolve_cached(name: HubName, *, mmproj: bool = True, hub: HubSettings) -> R
         selection = select(repo.files, name, mmproj=mmproj)
     except HubNotFoundError:
         return None
+    require_kind(selection, kind)
     if not complete(repo, selection):
         return None
     return Resolved.of(selection, repo.files, repo.sizes)

@@ -218,3 +218,16 @@ def missing(selection: Selection, paths: Iterable[str]) -> list[str]:
     """The files of `selection` that are not among `paths`."""
     have = set(paths)
     return [p for p in selection.paths if p not in have]
+
+
+def require_kind(selection: Selection, kind: str | None) -> Selection:
+    """`selection`, or HubNotFoundError when a command that loads a GGUF was given a checkpoint repo
+    (said before anything is downloaded: the checkpoint is 242 GB)."""
+    if kind is None or selection.kind == kind:
+        return selection
+    repo = selection.name.repo_id
+    if kind == "gguf":
+        raise HubNotFoundError(f"{repo} is a safetensors checkpoint, not a GGUF; convert it first "
+                               f"(`ms4local quantize {repo} --type Q4_K_M`) and pass the file it writes, "
+                               "or name a GGUF repo (org/repo:QUANT)")
+    raise HubNotFoundError(f"{selection.name} is a GGUF, not a safetensors checkpoint")

@@ -20,7 +20,7 @@ from ..errors import (DiskSpaceError, HubAccessError, HubError, HubNameError, Hu
                       HubOfflineError)
 from . import listings
 from .cache import Resolved
-from .names import HubName, Selection, missing, select
+from .names import HubName, Selection, missing, require_kind, select
 from .settings import HubSettings, free_space
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, file being fetched)
@@ -69,9 +69,9 @@ def storage_folder(hub: HubSettings, repo_id: str) -> Path:
     return hub.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
-def plan_pull(name: HubName, *, mmproj: bool = True, hub: HubSettings) -> PullPlan:
+def plan_pull(name: HubName, *, mmproj: bool = True, kind: str | None = None, hub: HubSettings) -> PullPlan:
     """List the repo on the Hub and choose the files `name` stands for (two small API requests;
-    no file is downloaded). Raises the Hub* errors."""
+    no file is downloaded). `kind` ("gguf", "checkpoint") refuses the other kind. Raises the Hub* errors."""
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
@@ -85,7 +85,7 @@ def plan_pull(name: HubName, *, mmproj: bool = True, hub: HubSettings) -> PullPl
                    if isinstance(e, RepoFile)}
     remote = {p: RemoteFile(p, int(e.size or 0), e.lfs.sha256 if e.lfs else e.blob_id) for p, e in listing.items()}
     listings.save(hub, name.repo_id, {p: (f.size, f.blob) for p, f in remote.items()})
-    selection = select(remote, name, mmproj=mmproj)
+    selection = require_kind(select(remote, name, mmproj=mmproj), kind)
     absent = missing(selection, remote)
     if absent:
         raise HubNotFoundError(f"{name.repo_id} lists {selection.files[0]} but not {absent[0]}"

@@ -17,36 +17,39 @@ OnPlan = Callable[[PullPlan], None]
 
 
 def hub_name(text: str) -> HubName | None:
-    """`text` as a Hub name, or None when it is a path: anything that exists on disk, or has the
-    shape of a file name (`models/x.gguf`), is a path even when it also reads as `org/repo`."""
-    if Path(text).expanduser().exists():
+    """`text` as a Hub name, or None when it is a path: anything that exists on disk, that has the
+    shape of a file name (`models/x.gguf`), or whose folder exists here (`models/typo`) is a path
+    even when it also reads as `org/repo`."""
+    path = Path(text).expanduser()
+    if path.exists() or path.parent.is_dir() and path.parent != Path("."):
         return None
     return parse_name(text)
 
 
-def resolve(name: HubName, *, mmproj: bool = True, hub: HubSettings | None = None, on_plan: OnPlan | None = None,
-            progress: Progress | None = None) -> Resolved:
+def resolve(name: HubName, *, mmproj: bool = True, kind: str | None = None, hub: HubSettings | None = None,
+            on_plan: OnPlan | None = None, progress: Progress | None = None) -> Resolved:
     """`name` from the cache when its model is all there (no request is made), else pulled:
     `on_plan` hears the plan before the first byte, `progress` the bytes. With HF_HUB_OFFLINE=1 a
     name the cache lacks is HubOfflineError, which names the `ms4local pull` command (and its size
-    when a listing of the repo was seen before)."""
+    when a listing of the repo was seen before). `kind` ("gguf", "checkpoint") refuses the other
+    kind before anything is downloaded."""
     hub = hub or HubSettings.from_env()
-    found = resolve_cached(name, mmproj=mmproj, hub=hub)
+    found = resolve_cached(name, mmproj=mmproj, kind=kind, hub=hub)
     if found is not None:
         return found
     if hub.offline:
         raise HubOfflineError(offline_message(name, hub, mmproj=mmproj))
-    return pull(name, mmproj=mmproj, hub=hub, on_plan=on_plan, progress=progress)
+    return pull(name, mmproj=mmproj, kind=kind, hub=hub, on_plan=on_plan, progress=progress)
 
 
-def pull(name: HubName, *, mmproj: bool = True, hub: HubSettings | None = None, on_plan: OnPlan | None = None,
-         progress: Progress | None = None) -> Resolved:
+def pull(name: HubName, *, mmproj: bool = True, kind: str | None = None, hub: HubSettings | None = None,
+         on_plan: OnPlan | None = None, progress: Progress | None = None) -> Resolved:
     """Fetch what `name` stands for into the Hugging Face cache (what is there already is not
     fetched again) and return where it is. Offline, a name the cache holds is returned as it is."""
     hub = hub or HubSettings.from_env()
     if hub.offline:
-        return resolve(name, mmproj=mmproj, hub=hub)
-    plan = plan_pull(name, mmproj=mmproj, hub=hub)
+        return resolve(name, mmproj=mmproj, kind=kind, hub=hub)
+    plan = plan_pull(name, mmproj=mmproj, kind=kind, hub=hub)
     if on_plan is not None:
         on_plan(plan)
     return download(plan, hub=hub, progress=progress)
