@@ -57,7 +57,7 @@ class Resolved:
 def scan(hub: HubSettings) -> list[CachedRepo]:
     """The model repos in the cache (an absent cache is an empty one)."""
     from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
+    from huggingface_hub.utils import CacheNotFound
 
     try:
         info = scan_cache_dir(hub.cache_dir)

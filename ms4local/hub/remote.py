@@ -147,11 +147,12 @@ def download(plan: PullPlan, *, hub: HubSettings, progress: Progress | None = No
     return Resolved.of(plan.selection, local, sizes)
 
 
-class _Dropped(Exception):
-    """A connection lost while a file was streaming; the next attempt resumes it."""
+class _Dropped(HubNetworkError):
+    """A connection lost while a file was streaming; `download` tries again, which resumes it
+    (anywhere else it is a plain network error)."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(f"the connection to {endpoint} broke ({reason}); run the command again")
         self.reason = reason
 
 
@@ -220,9 +221,9 @@ def _quiet_hub_bars() -> Iterator[None]:
 def hub_errors(name: HubName, hub: HubSettings) -> Iterator[None]:
     """huggingface_hub's and requests' exceptions as ms4local's typed errors, one line each."""
     import requests
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
-                                        LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
+                                       LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
 
     page = f"{hub.endpoint}/{name.repo_id}"
     try:
@@ -257,10 +258,10 @@ def hub_errors(name: HubName, hub: HubSettings) -> Iterator[None]:
     except HFValidationError:
         raise HubNameError(f"{name.repo_id!r} is not a valid Hugging Face repo id") from None
     except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ReadTimeout) as e:
-        raise _Dropped(_reason(e).strip(" ()")) from None
+        raise _Dropped(hub.endpoint, _reason(e).strip(" ()")) from None
     except requests.exceptions.ConnectionError as e:
         if _started(e):
-            raise _Dropped(_reason(e).strip(" ()")) from None
+            raise _Dropped(hub.endpoint, _reason(e).strip(" ()")) from None
         raise HubNetworkError(f"cannot reach {hub.endpoint}{_reason(e)}; check the network (or set "
                               "HF_HUB_OFFLINE=1 to use only what is cached)") from None
     except requests.exceptions.Timeout as e:
