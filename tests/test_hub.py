@@ -330,30 +330,39 @@ def test_cli_errors_are_one_line(stub, env, hub_cli_env):
     assert len(p.stderr.strip().splitlines()) == 1 and not any("/resolve/" in e.path for e in stub.log)
 
 
-def test_killed_pull_resumes(stub, env, hub_cli_env):
-    data = blob(24 * MiB, 9)
+def test_interrupted_and_killed_pulls_resume(stub, env, hub_cli_env):
+    data = blob(36 * MiB, 9)
     repo = stub.add(REPO, {"Mistral-Small-4-Q4_K_M.gguf": data})
     stub.trickle("Mistral-Small-4-Q4_K_M.gguf", 1 * MiB, 0.15)
     blobs = env / "hf" / "hub" / "models--someone--Mistral-Small-4-119B-2603-GGUF" / "blobs"
     part = blobs / f"{repo.etag('Mistral-Small-4-Q4_K_M.gguf')}.incomplete"
-    proc = subprocess.Popen([str(MS4LOCAL), "pull", REPO], env=hub_cli_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (part.is_file() and part.stat().st_size >= 10 * MiB) and time.monotonic() < deadline:
-        assert proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+
+    def stop(sig: int, at_least: int) -> subprocess.Popen:
+        """Start `pull`, send `sig` once the .incomplete blob holds `at_least` bytes."""
+        proc = subprocess.Popen([str(MS4LOCAL), "pull", REPO], env=hub_cli_env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (part.is_file() and part.stat().st_size >= at_least) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        # Nothing under its final name: the blob keeps its .incomplete name, the snapshot has no link.
+        assert not list(blobs.parent.joinpath("snapshots").rglob("*.gguf"))
+        assert at_least <= part.stat().st_size < len(data)
+        return proc
+
+    ctrl_c = stop(signal.SIGINT, 10 * MiB)  # Ctrl-C: one line saying how to resume, exit 130
+    assert ctrl_c.returncode == 130 and f"run `ms4local pull {REPO}` to resume" in ctrl_c.stderr.read()
+    stop(signal.SIGKILL, 20 * MiB)  # the second run resumed from the first one's bytes
     done = part.stat().st_size
-    assert 10 * MiB <= done < len(data)
-    assert not list(blobs.parent.joinpath("snapshots").rglob("*.gguf"))  # nothing under its final name
     stub._trickle.clear()
     p = cli(["pull", REPO], hub_cli_env)
     assert p.returncode == 0, p.stderr
     assert "resume from" in p.stderr
     r = hub.resolve(HubName(REPO), hub=settings(stub, env, offline=True))
     assert r.model.read_bytes() == data
-    assert stub.ranges()[-1] == ("Mistral-Small-4-Q4_K_M.gguf", f"bytes={done}-")
+    assert [rng for _, rng in stub.ranges()] == [f"bytes={10 * MiB}-", f"bytes={done}-"]
 
 
 def test_loopback_guard(env):
