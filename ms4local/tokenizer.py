@@ -28,6 +28,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from quantize.vocab import byte_to_unicode
+
 from .errors import PromptError
 
 # tekken's split regex (tekken.json config.pattern; spec §4.2), as mistral-common uses it.
@@ -138,16 +140,9 @@ _NOT_GPT2 = re.compile("[^!-~\u00a1-\u00ac\u00ae-\u00ff\u0100-\u0143]")
 
 @functools.cache
 def _gpt2_table() -> dict[int, str]:
-    """GPT-2's printable character → byte table, as str.translate wants it (ord → one-byte char)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {c: chr(b) for b, c in zip(bs, cs)}
+    """GPT-2's printable character → byte table, as str.translate wants it (ord → one-byte char):
+    the inverse of the table the converter writes token strings with."""
+    return {ord(ch): chr(b) for b, ch in byte_to_unicode().items()}
 
 
 @functools.cache

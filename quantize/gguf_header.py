@@ -25,6 +25,8 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,14 +154,21 @@ def open_mapped(path: Path) -> tuple[object, mmap.mmap]:
     return f, buf
 
 
-def read_file(path: Path) -> tuple[dict[str, object], list[TensorInfo]]:
-    """Metadata and tensor infos of one GGUF file, every field checked (see the module docstring)."""
-    path = Path(path)
+@contextmanager
+def mapped_gguf(path: Path) -> Iterator[Cursor]:
+    """A GGUF file memory-mapped for the length of a `with`, its magic checked: a Cursor at offset 0."""
     f, buf = open_mapped(path)
     with f, buf:  # type: ignore[attr-defined]
         if buf[:4] != b"GGUF":
             raise GGUFHeaderError(f"{path.name} is not a GGUF file")
-        c = Cursor(buf, path)
+        yield Cursor(buf, path)
+
+
+def read_file(path: Path) -> tuple[dict[str, object], list[TensorInfo]]:
+    """Metadata and tensor infos of one GGUF file, every field checked (see the module docstring)."""
+    path = Path(path)
+    with mapped_gguf(path) as c:
+        buf = c.buf
         c.pos = 4
         version = c.u32()
         if version not in (2, 3):
@@ -254,11 +263,8 @@ def read_vocab(path: Path) -> tuple[list[str], list[int]]:
     that is not valid UTF-8 cannot pass for a byte-level token.
     """
     path = Path(path)
-    f, buf = open_mapped(path)
-    with f, buf:  # type: ignore[attr-defined]
-        if buf[:4] != b"GGUF":
-            raise GGUFHeaderError(f"{path.name} is not a GGUF file")
-        c = Cursor(buf, path)
+    with mapped_gguf(path) as c:
+        buf = c.buf
         c.pos = 16  # magic, version, tensor count
         n_kv = c.u64()
         tokens: list[str] | None = None

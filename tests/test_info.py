@@ -205,7 +205,7 @@ def test_cli_json_is_valid_and_complete(files, cli_env):
     want = inspect(path, vram=1_800_000_000, n_ctx=2048, gpu_bandwidth=900e9, cpu_bandwidth=40e9).to_json()
     assert got == json.loads(json.dumps(want))
     assert set(got) == {"path", "files", "file_type", "params", "tensor_bytes", "bpw", "architecture", "tokenizer",
-                        "template", "classes", "types", "mmproj", "quant_report", "fit"}
+                        "template", "classes", "types", "mmproj", "quant_report", "fit", "repair"}
     assert got["fit"]["placement"]["n_gpu_layers"] == place(path, EngineOptions(fit=True, vram=1_800_000_000,
                                                                                 ctx_size=2048)).plan.n_gpu_layers
     assert set(got["fit"]["devices"]) == {"GPU", "CPU"}
