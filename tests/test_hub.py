@@ -113,7 +113,7 @@ def env(tmp_path, monkeypatch):
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "NO_COLOR": "1", "COLUMNS": "200", "TERM": "dumb"}
     for k, v in values.items():
         monkeypatch.setenv(k, str(v))
-    for k in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "MS4LOCAL_DEBUG", "HF_HUB_ENABLE_HF_TRANSFER"):
+    for k in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "MS4LOCAL_DEBUG", "HF_HUB_ENABLE_HF_TRANSFER", "MS4LOCAL_CACHE"):
         monkeypatch.delenv(k, raising=False)
     loopback_only(monkeypatch)
     return tmp_path

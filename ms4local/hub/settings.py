@@ -29,9 +29,14 @@ class HubSettings:
     def from_env(cls) -> HubSettings:
         from huggingface_hub import constants
 
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        # ms4local's own cache, as the engine's repaired projectors find it (engine/repair.py):
+        # $MS4LOCAL_CACHE, else $XDG_CACHE_HOME/ms4local, else ~/.cache/ms4local.
+        if os.environ.get("MS4LOCAL_CACHE"):
+            root = Path(os.environ["MS4LOCAL_CACHE"])
+        else:
+            root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ms4local"
         return cls(endpoint=constants.ENDPOINT.rstrip("/"), cache_dir=Path(constants.HF_HUB_CACHE),
-                   offline=bool(constants.HF_HUB_OFFLINE), listings_dir=Path(base) / "ms4local" / "hub")
+                   offline=bool(constants.HF_HUB_OFFLINE), listings_dir=root / "hub")
 
 
 def free_space(path: Path) -> int:
