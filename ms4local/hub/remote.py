@@ -93,16 +93,18 @@ def plan_pull(name: HubName, *, mmproj: bool = True, kind: str | None = None, hu
                                + "; the repo's split set is incomplete")
     files = tuple(remote[p] for p in selection.paths)
     blobs = storage_folder(hub, name.repo_id) / "blobs"
-    cached = frozenset(f.path for f in files if _in_snapshot(hub, name.repo_id, revision, f.path)
+    cached = frozenset(f.path for f in files if _cached(hub, name.repo_id, revision, f.path) is not None
                        or (blobs / f.blob).is_file())
     partial = {f.path: _size(blobs / f"{f.blob}.incomplete") for f in files if f.path not in cached}
     return PullPlan(selection, revision, files, cached, {k: v for k, v in partial.items() if v})
 
 
-def _in_snapshot(hub: HubSettings, repo_id: str, revision: str, path: str) -> bool:
+def _cached(hub: HubSettings, repo_id: str, revision: str, path: str) -> Path | None:
+    """The file in the cache's snapshot of `revision`, or None (huggingface_hub's own lookup)."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo_id, path, cache_dir=hub.cache_dir, revision=revision), str)
+    hit = try_to_load_from_cache(repo_id, path, cache_dir=hub.cache_dir, revision=revision)
+    return Path(hit) if isinstance(hit, str) else None
 
 
 def _size(path: Path) -> int:
@@ -131,6 +133,11 @@ def download(plan: PullPlan, *, hub: HubSettings, progress: Progress | None = No
     with _quiet_hub_bars(), meter:
         for f in plan.files:
             meter.current = f.path
+            hit = _cached(hub, plan.name.repo_id, plan.revision, f.path)
+            if hit is not None:  # already linked in the snapshot of the planned commit: no request at all
+                local[f.path] = hit
+                meter.done(f.path)
+                continue
             for attempt in range(len(RETRY_WAITS) + 1):
                 try:
                     with hub_errors(plan.name, hub):
