@@ -8,7 +8,9 @@ the two together.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from importlib import metadata
+from pathlib import Path
 
 
 def free_ram() -> int | None:
@@ -55,3 +57,11 @@ def package_version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def cache_root(env: Mapping[str, str] = os.environ) -> Path:
+    """ms4local's own cache folder (repaired projectors, Hub listings): $MS4LOCAL_CACHE, else
+    $XDG_CACHE_HOME/ms4local, else ~/.cache/ms4local. Downloads themselves live in the HF cache."""
+    if env.get("MS4LOCAL_CACHE"):
+        return Path(env["MS4LOCAL_CACHE"])
+    return (Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache") / "ms4local"

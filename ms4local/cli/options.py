@@ -6,25 +6,102 @@ returns the one `EngineOptions` the engine takes. Before loading, `resolve_place
 what the user must know (a GPU flag that does nothing here, the --fit plan as a table). The
 checks of flags that several commands share (`check_text`, `check_reasoning_effort`,
 `max_tokens`) raise OptionsError, which the error table turns into one line and exit code 2.
+
+The model argument (`Model`, and quantize's `Source`) takes a path or a Hugging Face name,
+`org/repo[:QUANT]`: its callback is the one place a name becomes a path (`fetch`: from the HF
+cache without the network, pulled with its plan and a byte bar when missing).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
 
+from rich.markup import escape
+from rich.table import Table
+
 from quantize.units import parse_size
 
-from .. import ui
+from .. import hub, ui
 from ..engine import EngineOptions, Placement, Sampling, place
 from ..errors import OptionsError
 from ..prompt import REASONING_EFFORTS
+from .errors import handle_errors
 
 # The sampling flags' defaults are the engine's own, written once in `Sampling` (read, never changed).
 SAMPLING = Sampling()
 
-Model = Annotated[str, typer.Argument(help="A GGUF file (the first file of a split set).", show_default=False)]
+# The projector chosen with each model resolved from a Hub name (model path → projector path):
+# `resolve_placement` hands it to the engine when no --mmproj/--no-mmproj was given, since a repo
+# may keep the projector in another folder than the quant's.
+_HUB_PROJECTORS: dict[str, str] = {}
+
+
+def fetch(name: hub.HubName, *, mmproj: bool = True, kind: str | None = None, always: bool = False) -> hub.Resolved:
+    """`name` from the Hugging Face cache (no network), or pulled first with the plan and a byte bar
+    on stderr; `always` asks the Hub for the current files even when the cache has them (`pull`).
+    Ctrl-C says how to resume."""
+    run = hub.pull if always else hub.resolve
+    try:
+        with ui.byte_progress("download") as bar:
+            return run(name, mmproj=mmproj, kind=kind, on_plan=show_pull_plan,
+                       progress=lambda done, total, path: bar(done, total, path.rsplit("/", 1)[-1]))
+    except KeyboardInterrupt:
+        print(f"interrupted: run `ms4local pull {name}` to resume where it stopped", file=sys.stderr)
+        raise
+
+
+def show_pull_plan(plan: hub.PullPlan) -> None:
+    """The files a pull fetches, their sizes and what the cache already has, on stderr."""
+    ui.err.print(f"[bold]{escape(str(plan.name))}[/] from {escape(plan.selection.name.repo_id)} at commit "
+                 f"{plan.revision[:12]}", soft_wrap=True)
+    table = Table(header_style="bold")
+    table.add_column("file", overflow="fold")
+    table.add_column("size", justify="right")
+    table.add_column("cache")
+    for f in plan.files:
+        state = ("in the cache" if f.path in plan.cached else
+                 f"resume from {ui.human_bytes(plan.partial[f.path])}" if f.path in plan.partial else "")
+        table.add_row(escape(f.path), ui.human_bytes(f.size), state)
+    ui.err.print(table)
+    ui.err.print(f"{len(plan.files)} files, {ui.human_bytes(plan.total)}; "
+                 + (f"{ui.human_bytes(plan.to_fetch)} to download" if plan.to_fetch else "all in the cache"),
+                 soft_wrap=True)
+
+
+@handle_errors
+def _model_argument(ctx: typer.Context, value: str) -> str:
+    """MODEL: a path as given, or a Hub name resolved to the first file of its GGUF."""
+    name = None if ctx.resilient_parsing else hub.hub_name(value)
+    if name is None:
+        return value
+    resolved = fetch(name, kind="gguf")
+    if resolved.mmproj is not None:
+        _HUB_PROJECTORS[str(resolved.model)] = str(resolved.mmproj)
+    return str(resolved.model)
+
+
+@handle_errors
+def _source_argument(ctx: typer.Context, value: str) -> str:
+    """quantize's SRC: a path as given; a checkpoint repo made complete in the cache and passed on as
+    its id (the converter finds it there offline and names the output after it); a GGUF repo name
+    (to re-quantize) resolved to its first file."""
+    name = None if ctx.resilient_parsing else hub.hub_name(value)
+    if name is None:
+        return value
+    resolved = fetch(name, mmproj=False)
+    return name.repo_id if resolved.kind == "checkpoint" else str(resolved.model)
+
+
+Model = Annotated[str, typer.Argument(
+    help="A GGUF file (the first file of a split set), or org/repo[:QUANT] on the Hugging Face Hub "
+         "(from its cache; downloaded first when missing).", show_default=False, callback=_model_argument)]
+Source = Annotated[str, typer.Argument(
+    help="Checkpoint directory, a .gguf file to re-quantize, or org/repo on the Hugging Face Hub (a safetensors "
+         "checkpoint, or org/repo:QUANT of a GGUF repo; from its cache, downloaded first when missing).",
+    show_default=False, callback=_source_argument)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: random).")]
 Temp = Annotated[Optional[float], typer.Option("--temp", help="Temperature (default 0.7 with high effort, 0.1 with none).")]
 MaxTokens = Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate (-1: until the context is full).")]
@@ -154,8 +231,11 @@ def resolve_placement(model: str, opts: EngineOptions) -> Placement:
     """Resolve --fit and the GPU flags against this build's devices, and tell the user.
 
     Notices go to stderr, one line each; a --fit plan is printed as a table. Pass the result to
-    `Engine(model, opts, placement=...)` so the model is loaded exactly as shown.
+    `Engine(model, opts, placement=...)` so the model is loaded exactly as shown. A model resolved
+    from a Hub name gets the repo's projector in `opts` unless --mmproj or --no-mmproj was given.
     """
+    if opts.mmproj is None and not opts.no_mmproj and str(model) in _HUB_PROJECTORS:
+        opts.mmproj = _HUB_PROJECTORS[str(model)]
     placement = place(model, opts)
     for notice in placement.notices:
         ui.err.print(f"note: {notice}", style="yellow", markup=False, highlight=False)

@@ -18,6 +18,7 @@ from quantize.units import parse_size
 from .. import ui
 from ..evaluate import evaluate
 from ..gguf_model import read_model
+from . import options
 from .errors import fail, handle_errors
 
 TYPES = list(FILE_TYPES)
@@ -25,8 +26,7 @@ TYPES = list(FILE_TYPES)
 
 @handle_errors
 def quantize(
-    src: Annotated[str, typer.Argument(help="Checkpoint directory, a Hugging Face repo id in the local HF cache, "
-                                            "or a .gguf file to re-quantize.", show_default=False)],
+    src: options.Source,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: models/<Name>-<TYPE>.gguf).")] = None,
     out_type: Annotated[str, typer.Option("--type", help=f"Output type: {', '.join(TYPES)}.")] = "Q8_0",
     policy: Annotated[str, typer.Option("--policy", help="Tensor mix: ms4local (MoE-aware, default) or llama "
