@@ -27,7 +27,7 @@ def list_models(as_json: options.Json = False) -> None:
     if as_json:
         print(json.dumps([{"name": e.name, "where": e.where, "kind": e.kind, "quant": e.quant, "bytes": e.nbytes,
                            "parts": list(e.parts), "projector": e.projector, "complete": e.complete,
-                           "path": str(e.path)} for e in entries], indent=1))
+                           "path": str(e.path), "repair": list(e.repair)} for e in entries], indent=1))
         return
     if not entries:
         ui.err.print(f"no Mistral Small 4 model in {hub.cache_dir} or {models_dir()}; "
@@ -35,9 +35,10 @@ def list_models(as_json: options.Json = False) -> None:
         return
     table = Table(header_style="bold")
     for col, just in (("name", "left"), ("quant", "left"), ("size", "right"), ("parts", "right"),
-                      ("projector", "left"), ("state", "left"), ("where", "left")):
+                      ("projector", "left"), ("state", "left"), ("repair at load", "left"), ("where", "left")):
         table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
     for e in entries:
         table.add_row(escape(e.name), e.quant or "", ui.human_bytes(e.nbytes), f"{e.parts[0]}/{e.parts[1]}",
-                      escape(e.projector or "–"), "complete" if e.complete else "[yellow]incomplete[/]", e.where)
+                      escape(e.projector or "–"), "complete" if e.complete else "[yellow]incomplete[/]",
+                      escape(", ".join(e.repair)), e.where)
     ui.out.print(table)

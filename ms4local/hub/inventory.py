@@ -12,6 +12,9 @@ from pathlib import Path
 
 from quantize.gguf_header import GGUFHeaderError, read_file
 
+from ..engine.repair import has_img_break, temperature_overrides
+from ..errors import ModelLoadError
+from ..gguf_model import read_model
 from ..info import file_type_name
 from . import listings
 from .cache import CachedRepo, checkpoint_complete, scan
@@ -35,6 +38,7 @@ class Entry:
     projector: str | None  # file name of the projector that goes with it
     complete: bool
     path: Path  # the first GGUF, or the checkpoint directory
+    repair: tuple[str, ...] = ()  # what the engine makes right at load (engine/repair.py)
 
 
 def inventory(*, hub: HubSettings, models_dir: Path | None = None) -> list[Entry]:
@@ -71,7 +75,9 @@ def _repo_entries(repo: CachedRepo, hub: HubSettings) -> list[Entry]:
         out.append(Entry(str(name), "hub cache", "gguf", quant,
                          sum(repo.sizes[p] for p in present) + sum(partial.get(p, 0) for p in parts),
                          (len(present), len(parts)), projector.rsplit("/", 1)[-1] if projector else None,
-                         len(present) == len(parts), repo.snapshot / first))
+                         len(present) == len(parts), repo.snapshot / first,
+                         _repairs(repo.snapshot / first, repo.snapshot / projector if projector else None)
+                         if len(present) == len(parts) else ()))
     if is_checkpoint(files) or ("config.json" in files and any(p.endswith(".safetensors") for p in partial)):
         if _checkpoint_family(repo.repo_id, files.get("config.json")):
             weights = [p for p in files if p.endswith(".safetensors")]
@@ -99,8 +105,24 @@ def _models_entries(models_dir: Path) -> list[Entry]:
         projector = find_mmproj(near, rel)
         out.append(Entry(str(path), "models", "gguf", quant_of(rel) or _file_type(meta),
                          sum(p.stat().st_size for p in present), (len(present), len(parts)),
-                         projector.rsplit("/", 1)[-1] if projector else None, len(present) == len(parts), path))
+                         projector.rsplit("/", 1)[-1] if projector else None, len(present) == len(parts), path,
+                         _repairs(path, models_dir / projector if projector else None)
+                         if len(present) == len(parts) else ()))
     return out
+
+
+def _repairs(model: Path, projector: Path | None) -> tuple[str, ...]:
+    """What a complete GGUF (and its projector) needs at load, from the headers: "temperature keys",
+    "[IMG_BREAK] row"; nothing for a file that cannot be read (commands name its fault)."""
+    out = []
+    try:
+        if temperature_overrides(read_model(model)):
+            out.append("temperature keys")
+        if projector is not None and not has_img_break(projector):
+            out.append("[IMG_BREAK] row")
+    except ModelLoadError:
+        return ()
+    return tuple(out)
 
 
 def _meta(path: Path) -> dict[str, object] | None:
