@@ -5,6 +5,7 @@
     events.py        what the engine yields (Delta, Done, …): shared by chat, server and UI
     devices.py       ggml devices and buffer types; `place` resolves GPU flags and --fit
     vision.py        the projector (libmtmd) and the images it has seen
+    repair.py        third-party GGUFs made right at load (temperature keys, the mmproj's [IMG_BREAK] row)
     token_events.py  generated ids → events (UTF-8 across tokens, reasoning, tool calls)
     core.py          Engine: load, tokenize, render, evaluate with KV reuse, generate, chat
     slots.py         Slots: N conversations decoding in one batch (`serve --parallel`)
