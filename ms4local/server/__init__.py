@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from .app import create_app
 from .config import ServerConfig
-from .images import ImagePolicy
+from .image_urls import ImagePolicy
 from .scheduler import Scheduler
 
 __all__ = ["ImagePolicy", "Scheduler", "ServerConfig", "create_app", "is_loopback", "serve"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..engine.options import Sampling
 from ..errors import OptionsError
-from .images import ImagePolicy
+from .image_urls import ImagePolicy
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..grammar import answer_grammar
 from ..stream import Tag
 from .config import ServerConfig, out_of_range
 from .errors import bad_request
-from .images import ImagePolicy, resolve
+from .image_urls import ImagePolicy, resolve
 from .schemas import ChatRequest, CompletionRequest, ContentPart, Message
 
 EFFORTS = {"none": "none", "minimal": "none", "low": "high", "medium": "high", "high": "high"}
