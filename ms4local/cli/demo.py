@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-import quantize as converter
+from quantize import convert
 from quantize.synth import TinySpec, make_checkpoint
 
 from .. import ui
@@ -36,7 +36,7 @@ def demo(
     make_checkpoint(ckpt, spec)
     gguf_path = workdir / f"{NAME}-{out_type.upper()}.gguf"
     with ui.byte_progress(f"2/3 {out_type.upper()}") as progress:
-        result = converter.convert(ckpt, out=gguf_path, out_type=out_type, force=True, progress=progress)
+        result = convert(ckpt, out=gguf_path, out_type=out_type, force=True, progress=progress)
     ui.err.print(f"    wrote {result.output} ({ui.human_bytes(result.total_bytes)})")
     ui.err.print(f"3/3 llama.cpp answers through the embedded chat template: [italic]{PROMPT}[/]")
     with Engine(result.output, EngineOptions(ctx_size=512)) as engine:

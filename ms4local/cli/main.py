@@ -31,7 +31,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("quantize")(quantize.quantize)
+app.command("quantize")(quantize.quantize_command)
 app.command("chat")(chat.chat)
 app.command("serve")(serve.serve)
 app.command("tokenize")(tokenize.tokenize)

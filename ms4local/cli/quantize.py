@@ -10,8 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-import quantize as converter
-from quantize.convert import count_params, is_gguf_source
+from quantize.convert import convert, count_params, is_gguf_source
 from quantize.policy import FILE_TYPES
 from quantize.units import parse_size
 
@@ -25,7 +24,7 @@ TYPES = list(FILE_TYPES)
 
 
 @handle_errors
-def quantize(
+def quantize_command(
     src: options.Source,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: models/<Name>-<TYPE>.gguf).")] = None,
     out_type: Annotated[str, typer.Option("--type", help=f"Output type: {', '.join(TYPES)}.")] = "Q8_0",
@@ -66,7 +65,7 @@ def quantize(
             raise fail("--eval-against measures the text model; drop --mmproj-only", 2)
         read_model(eval_against)  # a missing or broken reference fails before an hour of quantizing
     if dry_run:
-        plan = converter.convert(src, dry_run=True, **kwargs)
+        plan = convert(src, dry_run=True, **kwargs)
         files = ", ".join(str(f) for f in plan.files)
         if plan.files:
             ui.out.print(ui.plan_table(plan.rows, plan.total_bytes, plan.n_params,
@@ -79,7 +78,7 @@ def quantize(
     start = time.monotonic()
     try:
         with ui.byte_progress(out_type.upper()) as progress:
-            result = converter.convert(src, force=force, progress=progress, **kwargs)
+            result = convert(src, force=force, progress=progress, **kwargs)
     except KeyboardInterrupt:
         if is_gguf_source(src):  # llama.cpp's quantizer writes in one go: nothing to resume from
             print("interrupted: re-quantizing a GGUF cannot resume; nothing was kept, and the same command "
