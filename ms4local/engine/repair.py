@@ -67,12 +67,17 @@ def has_img_break(path: Path) -> bool:
     return any(t.name == IMG_BREAK_TENSOR for t in read_model(path).tensors)
 
 
-def cache_dir(env: dict[str, str] | os._Environ[str] = os.environ) -> Path:
-    """Where repaired copies go: $MS4LOCAL_CACHE, else $XDG_CACHE_HOME/ms4local/repaired, else ~/.cache/…"""
+def cache_root(env: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    """ms4local's cache folder: $MS4LOCAL_CACHE, else $XDG_CACHE_HOME/ms4local, else ~/.cache/ms4local."""
     if env.get("MS4LOCAL_CACHE"):
-        return Path(env["MS4LOCAL_CACHE"]) / "repaired"
+        return Path(env["MS4LOCAL_CACHE"])
     base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "ms4local" / "repaired"
+    return base / "ms4local"
+
+
+def cache_dir(env: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    """Where repaired copies go: `repaired/` in `cache_root()`."""
+    return cache_root(env) / "repaired"
 
 
 def repaired_mmproj(mmproj: Path, model: ModelInfo, img_break_id: int) -> Path:
