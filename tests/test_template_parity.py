@@ -125,6 +125,20 @@ CASES = {
                   tool_calls=[call("call00001", "get_weather", '{"city": "मुंबई"}')]),
         tool("call00001", '{"temp": 31, "sky": "साफ़"}'), assistant("31 °C, साफ़ आसमान.", reasoning_content="சரி."),
         user("def f(x):\n    return 'ñ' + \"e\\u0301\"  # தமிழ்")]},
+    # The shapes llama-server hands the template (its Mistral handler, common/parsers/ministral3.cpp):
+    # system and assistant content as text blocks, reasoning as a leading thinking block, tool-call
+    # arguments parsed into objects.
+    "system_text_blocks": {"messages": [{"role": "system", "content": [{"type": "text", "text": "You are terse."}]}, user("Hi")]},
+    "assistant_text_block_trailing_spaces": {"messages": [
+        user("Hi"), assistant([{"type": "text", "text": "Hello  "}]), user("Bye")]},
+    "assistant_empty_text_block_with_calls": {"tools": [WEATHER], "messages": [
+        user("x"), assistant([{"type": "text", "text": ""}], tool_calls=[call("ccccccccc", "get_weather", {"city": "Paris", "unit": "c"})]),
+        tool("ccccccccc", "ok")]},
+    "thinking_block_then_calls": {"tools": [WEATHER], "reasoning_effort": "high", "messages": [
+        user("x"), assistant([{"type": "thinking", "thinking": "Need it."}, {"type": "text", "text": ""}],
+                             tool_calls=[call("ccccccccc", "get_weather", {"city": "Paris"})]),
+        tool("ccccccccc", "ok"), assistant([{"type": "thinking", "thinking": "Done."}, {"type": "text", "text": "Sunny."}]),
+        user("thanks")]},
     "everything": {"tools": [WEATHER, CLOCK], "reasoning_effort": "high", "messages": [
         {"role": "system", "content": "You are a weather bot."}, user("Paris?"),
         assistant(None, reasoning_content="Need the weather tool.",
