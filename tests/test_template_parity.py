@@ -251,6 +251,36 @@ def test_control_text_in_messages_stays_text(engine, reference, name):
     assert our_ids(engine, case) == reference_ids(reference, case)
 
 
+# Runtimes that hand the template tool-call arguments as objects, not the text a client sent:
+# llama-server parses them itself (its template caps say the template takes objects), and
+# transformers passes dicts as given. ms4local's renderer does not touch these (they arrive as the
+# objects here), so the template's own JSON writer must match json.dumps: floats as Python writes
+# them (llama.cpp's tojson would write 1.0 as 1), escapes, nesting, key order.
+OBJECT_ARGUMENTS = {"tools": [WEATHER], "messages": [
+    user("x"), assistant(None, tool_calls=[call("ccccccccc", "get_weather", {
+        "city": "Zürich \"centre\"\n\tline\\2\u0001", "a": 1.0, "b": 1000.0, "c": 0.123456789, "d": -2, "e": 1e-07,
+        "f": [1, 2.5, True, False, None, {"g": []}, "h"], "i": {}, "z": {"y": {"x": 0.5}}})]),
+    tool("ccccccccc", "ok")]}
+
+
+def plain_jinja2(template: str, case: dict) -> str:
+    """The template rendered as transformers renders chat templates (no argument canonicalisation)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = lambda m: (_ for _ in ()).throw(ValueError(m))
+    return env.from_string(template).render(messages=case["messages"], tools=case.get("tools"), bos_token="<s>",
+                                            eos_token="</s>", add_generation_prompt=True)
+
+
+def test_object_arguments_are_written_as_json_dumps_writes_them(engine, reference):
+    text = plain_jinja2(default_chat_template(), OBJECT_ARGUMENTS)
+    expect = reference_ids(reference, OBJECT_ARGUMENTS)
+    assert engine.tokenize(text, parse_special=True) == expect, explain(reference, engine.tokenize(text), expect)
+    assert our_ids(engine, OBJECT_ARGUMENTS) == expect
+
+
 def test_render_leaves_messages_untouched(engine):
     case = CASES["everything"]
     before = copy.deepcopy(case)
