@@ -106,6 +106,13 @@ CONVERSATIONS: dict[str, tuple[str, dict]] = {
 }
 
 
+# What llama-server must read in the template (common/jinja/caps.cpp probes it at load). Without
+# these it changes the requests: no parallel tool calls = one call per turn in its tool-call
+# grammar; no object arguments = text arguments reach the template unparsed (not re-serialised
+# as mistral-common does); no system role = system prompts merged into the first user message.
+REQUIRED_CAPS = ("tools", "tool_calls", "parallel_tool_calls", "object_arguments", "system_role", "reasoning_effort")
+
+
 class CompatError(RuntimeError):
     """llama-server did not start on the file, or did not load ms4local's template."""
 
@@ -299,9 +306,15 @@ def run(out: Path, workdir: Path, log=print) -> bool:
               "| conversation | covers | tokens | llama-server = mistral-common | ms4local = mistral-common |",
               "| --- | --- | ---: | --- | --- |"]
     lines += [f"| `{n}` | {w} | {k} | {a} | {b} |" for n, w, k, a, b in rows]
-    lines += ["", "llama-server's reading of the template (`/props` `chat_template_caps`): "
-              + ", ".join(f"{k.removeprefix('supports_')} {'yes' if v else 'no'}" for k, v in sorted(caps.items())) + "."]
-    return finish(n_ok == len(rows), *details)
+    lacking = [c for c in REQUIRED_CAPS if not caps.get(f"supports_{c}")]
+    lines += ["", "llama-server's reading of the template (`/props` `chat_template_caps`, "
+              f"required: {', '.join(REQUIRED_CAPS)}): "
+              + ", ".join(f"{k.removeprefix('supports_')} {'yes' if v else '**no**'}" for k, v in sorted(caps.items())) + "."]
+    if lacking:
+        lines += ["", f"**FAILED: llama-server reads the template as without {', '.join(lacking)}** (see REQUIRED_CAPS "
+                  "in bench/compat.py for what that changes)."]
+        log(f"llama-server reads the template as without {', '.join(lacking)}")
+    return finish(n_ok == len(rows) and not lacking, *details)
 
 
 def main() -> None:

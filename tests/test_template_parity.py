@@ -24,6 +24,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from ms4local import Engine, EngineOptions
 from ms4local.errors import PromptError
+from ms4local.prompt import render
 from quantize.synth import FULL_VOCAB, TinySpec, v15_tekken
 from quantize.vocab import default_chat_template
 
@@ -155,6 +156,9 @@ INVALID = {
     "system_after_assistant": {"messages": [user("x"), assistant("a"), {"role": "system", "content": "s"}, user("y")]},
     "call_without_result": {"tools": [CLOCK], "messages": [
         user("x"), assistant("a", tool_calls=[call("aaaaaaaaa", "get_time", "{}")]), assistant("b"), user("y")]},
+    "one_of_two_results_then_answer": {"tools": [CLOCK], "messages": [
+        user("x"), assistant(None, tool_calls=[call("aaaaaaaaa", "get_time", "{}"), call("bbbbbbbbb", "get_time", "{}")]),
+        tool("aaaaaaaaa", "r"), assistant("a"), user("y")]},
     "more_results_than_calls": {"tools": [CLOCK], "messages": [
         user("x"), assistant(None, tool_calls=[call("aaaaaaaaa", "get_time", "{}")]), tool("aaaaaaaaa", "r"), tool("aaaaaaaaa", "r")]},
     "empty_assistant": {"messages": [user("x"), assistant(""), user("y")]},
@@ -279,6 +283,27 @@ def test_object_arguments_are_written_as_json_dumps_writes_them(engine, referenc
     expect = reference_ids(reference, OBJECT_ARGUMENTS)
     assert engine.tokenize(text, parse_special=True) == expect, explain(reference, engine.tokenize(text), expect)
     assert our_ids(engine, OBJECT_ARGUMENTS) == expect
+
+
+def test_the_template_alone_takes_llamacpps_parallel_call_probe(reference):
+    """llama.cpp's capability probe (common/jinja/caps.cpp): two calls, one result, an answer.
+    mistral-common refuses it, and so does ms4local (prompt.check_tool_results); the template
+    itself renders it, or llama-server would allow one tool call per turn."""
+    args = {"arg": "value"}
+    probe = {"tools": [{"name": "tool", "type": "function", "function": {
+        "name": "tool1", "description": "Tool description",
+        "parameters": {"type": "object", "properties": {"arg": {"type": "string", "description": "Arg description"}},
+                       "required": ["arg"]}}}],
+        "messages": [user("User message"),
+                     assistant("", tool_calls=[call("call00001", "tool1", args), call("call00002", "tool1", args)]),
+                     tool("call00001", "Tool response"), assistant("The tool response was 'tool response'"),
+                     user("User message")]}
+    text = plain_jinja2(default_chat_template(), probe)
+    assert text.count('[TOOL_CALLS]tool1[ARGS]{"arg": "value"}') == 2
+    with pytest.raises(Exception):
+        reference_ids(reference, probe)
+    with pytest.raises(PromptError, match="2 tool call"):
+        render(default_chat_template(), probe["messages"], tools=probe["tools"])
 
 
 def test_render_leaves_messages_untouched(engine):
