@@ -94,7 +94,7 @@ CONVERSATIONS: dict[str, tuple[str, dict]] = {
         msg("tool", "14:05", tool_call_id="bbbbbbbbb"), msg("tool", "-3 C", tool_call_id="aaaaaaaaa")]}),
     "arguments_numbers_nested": ("call arguments with floats, nesting, escapes (re-serialised)", {"tools": [WEATHER], "messages": [
         msg("user", "x"), msg("assistant", None, tool_calls=[call("ccccccccc", "get_weather",
-            '{"city":"Oslo \\"sentrum\\"\\n","a":1.0,"b":1e3,"c":0.25,"d":[1,true,null,{"e":[]}],"f":{}}')]),
+            '{"city":"Oslo \\"sentrum\\"\\n","a":1.0,"b":1e3,"c":0.25,"g":-2.5e-05,"h":1e20,"i":48.8566,"d":[1,true,null,{"e":[]}],"f":{}}')]),
         msg("tool", "ok", tool_call_id="ccccccccc")]}),
     "everything": ("system, tools, reasoning history, call, result, answer, effort high", {
         "tools": [WEATHER, CLOCK], "reasoning_effort": "high", "messages": [

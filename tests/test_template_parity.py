@@ -262,7 +262,7 @@ def test_control_text_in_messages_stays_text(engine, reference, name):
 # them (llama.cpp's tojson would write 1.0 as 1), escapes, nesting, key order.
 OBJECT_ARGUMENTS = {"tools": [WEATHER], "messages": [
     user("x"), assistant(None, tool_calls=[call("ccccccccc", "get_weather", {
-        "city": "Zürich \"centre\"\n\tline\\2\u0001", "a": 1.0, "b": 1000.0, "c": 0.123456789, "d": -2, "e": 1e-07,
+        "city": "Zürich \"centre\"\n\tline\\2\u0001", "a": 1.0, "b": 1000.0, "c": 0.123456789, "d": -2, "e": 1e-07, "e2": -2.5e-05, "e3": 1e20, "e4": 1234567.5,
         "f": [1, 2.5, True, False, None, {"g": []}, "h"], "i": {}, "z": {"y": {"x": 0.5}}})]),
     tool("ccccccccc", "ok")]}
 
