@@ -87,3 +87,13 @@ bench-server: install
 
 bench-tokenizer: install
 	$(PY) bench/tokenizer_bench.py
+
+# ms4local's own chat template (embedded in GGUFs made from checkpoints without one) in llama.cpp's
+# llama-server: builds llama-server once from the llama.cpp that llama-cpp-python vendors (cmake +
+# ninja, CPU; 10–60 min on 2 cores, cached in ~/.cache/ms4local/llamacpp-<version>/), then checks
+# that it loads the template and that /apply-template + /tokenize give mistral-common's ids for each
+# conversation. Writes bench/results/compat.md; exit 1 on any mismatch or refusal.
+.PHONY: compat
+
+compat: install
+	$(PY) bench/compat.py

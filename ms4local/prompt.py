@@ -77,6 +77,27 @@ def _with_canonical_tool_calls(messages: list[dict[str, Any]]) -> list[dict[str,
     return out
 
 
+def check_tool_results(messages: list[dict[str, Any]]) -> None:
+    """Refuse an assistant turn that follows fewer tool results than the previous turn's calls,
+    as mistral-common does.
+
+    This one rule of mistral-common's validation lives here, not in ms4local's template: llama.cpp
+    probes a template for parallel tool calls with exactly such a conversation (two calls, one
+    result, an answer) and allows one call per turn in llama-server when the template refuses it.
+    The template checks everything else (role order, more results than calls).
+    """
+    calls = results = 0
+    for m in messages:
+        role = m.get("role") if isinstance(m, dict) else None
+        if role == "tool":
+            results += 1
+        elif role == "assistant":
+            if results < calls:
+                raise PromptError(f"an assistant message made {calls} tool call(s) but {results} result(s) follow it")
+            tool_calls = m.get("tool_calls")
+            calls, results = (len(tool_calls) if isinstance(tool_calls, list) else 0), 0
+
+
 def render(
     template: str,
     messages: list[dict[str, Any]],
@@ -93,6 +114,7 @@ def render(
     """
     if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
         raise PromptError(f"reasoning effort must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}")
+    check_tool_results(messages)
     try:
         return _compile(template).render(
             messages=_with_canonical_tool_calls(messages), tools=tools, reasoning_effort=reasoning_effort,

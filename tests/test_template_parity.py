@@ -24,6 +24,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from ms4local import Engine, EngineOptions
 from ms4local.errors import PromptError
+from ms4local.prompt import render
 from quantize.synth import FULL_VOCAB, TinySpec, v15_tekken
 from quantize.vocab import default_chat_template
 
@@ -125,6 +126,20 @@ CASES = {
                   tool_calls=[call("call00001", "get_weather", '{"city": "मुंबई"}')]),
         tool("call00001", '{"temp": 31, "sky": "साफ़"}'), assistant("31 °C, साफ़ आसमान.", reasoning_content="சரி."),
         user("def f(x):\n    return 'ñ' + \"e\\u0301\"  # தமிழ்")]},
+    # The shapes llama-server hands the template (its Mistral handler, common/parsers/ministral3.cpp):
+    # system and assistant content as text blocks, reasoning as a leading thinking block, tool-call
+    # arguments parsed into objects.
+    "system_text_blocks": {"messages": [{"role": "system", "content": [{"type": "text", "text": "You are terse."}]}, user("Hi")]},
+    "assistant_text_block_trailing_spaces": {"messages": [
+        user("Hi"), assistant([{"type": "text", "text": "Hello  "}]), user("Bye")]},
+    "assistant_empty_text_block_with_calls": {"tools": [WEATHER], "messages": [
+        user("x"), assistant([{"type": "text", "text": ""}], tool_calls=[call("ccccccccc", "get_weather", {"city": "Paris", "unit": "c"})]),
+        tool("ccccccccc", "ok")]},
+    "thinking_block_then_calls": {"tools": [WEATHER], "reasoning_effort": "high", "messages": [
+        user("x"), assistant([{"type": "thinking", "thinking": "Need it."}, {"type": "text", "text": ""}],
+                             tool_calls=[call("ccccccccc", "get_weather", {"city": "Paris"})]),
+        tool("ccccccccc", "ok"), assistant([{"type": "thinking", "thinking": "Done."}, {"type": "text", "text": "Sunny."}]),
+        user("thanks")]},
     "everything": {"tools": [WEATHER, CLOCK], "reasoning_effort": "high", "messages": [
         {"role": "system", "content": "You are a weather bot."}, user("Paris?"),
         assistant(None, reasoning_content="Need the weather tool.",
@@ -141,6 +156,9 @@ INVALID = {
     "system_after_assistant": {"messages": [user("x"), assistant("a"), {"role": "system", "content": "s"}, user("y")]},
     "call_without_result": {"tools": [CLOCK], "messages": [
         user("x"), assistant("a", tool_calls=[call("aaaaaaaaa", "get_time", "{}")]), assistant("b"), user("y")]},
+    "one_of_two_results_then_answer": {"tools": [CLOCK], "messages": [
+        user("x"), assistant(None, tool_calls=[call("aaaaaaaaa", "get_time", "{}"), call("bbbbbbbbb", "get_time", "{}")]),
+        tool("aaaaaaaaa", "r"), assistant("a"), user("y")]},
     "more_results_than_calls": {"tools": [CLOCK], "messages": [
         user("x"), assistant(None, tool_calls=[call("aaaaaaaaa", "get_time", "{}")]), tool("aaaaaaaaa", "r"), tool("aaaaaaaaa", "r")]},
     "empty_assistant": {"messages": [user("x"), assistant(""), user("y")]},
@@ -235,6 +253,57 @@ def test_refused_like_mistral_common(engine, reference, name):
 def test_control_text_in_messages_stays_text(engine, reference, name):
     case = CONTROL_TEXT[name]
     assert our_ids(engine, case) == reference_ids(reference, case)
+
+
+# Runtimes that hand the template tool-call arguments as objects, not the text a client sent:
+# llama-server parses them itself (its template caps say the template takes objects), and
+# transformers passes dicts as given. ms4local's renderer does not touch these (they arrive as the
+# objects here), so the template's own JSON writer must match json.dumps: floats as Python writes
+# them (llama.cpp's tojson would write 1.0 as 1), escapes, nesting, key order.
+OBJECT_ARGUMENTS = {"tools": [WEATHER], "messages": [
+    user("x"), assistant(None, tool_calls=[call("ccccccccc", "get_weather", {
+        "city": "Zürich \"centre\"\n\tline\\2\u0001", "a": 1.0, "b": 1000.0, "c": 0.123456789, "d": -2, "e": 1e-07, "e2": -2.5e-05, "e3": 1e20, "e4": 1234567.5,
+        "f": [1, 2.5, True, False, None, {"g": []}, "h"], "i": {}, "z": {"y": {"x": 0.5}}})]),
+    tool("ccccccccc", "ok")]}
+
+
+def plain_jinja2(template: str, case: dict) -> str:
+    """The template rendered as transformers renders chat templates (no argument canonicalisation)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = lambda m: (_ for _ in ()).throw(ValueError(m))
+    return env.from_string(template).render(messages=case["messages"], tools=case.get("tools"), bos_token="<s>",
+                                            eos_token="</s>", add_generation_prompt=True)
+
+
+def test_object_arguments_are_written_as_json_dumps_writes_them(engine, reference):
+    text = plain_jinja2(default_chat_template(), OBJECT_ARGUMENTS)
+    expect = reference_ids(reference, OBJECT_ARGUMENTS)
+    assert engine.tokenize(text, parse_special=True) == expect, explain(reference, engine.tokenize(text), expect)
+    assert our_ids(engine, OBJECT_ARGUMENTS) == expect
+
+
+def test_the_template_alone_takes_llamacpps_parallel_call_probe(reference):
+    """llama.cpp's capability probe (common/jinja/caps.cpp): two calls, one result, an answer.
+    mistral-common refuses it, and so does ms4local (prompt.check_tool_results); the template
+    itself renders it, or llama-server would allow one tool call per turn."""
+    args = {"arg": "value"}
+    probe = {"tools": [{"name": "tool", "type": "function", "function": {
+        "name": "tool1", "description": "Tool description",
+        "parameters": {"type": "object", "properties": {"arg": {"type": "string", "description": "Arg description"}},
+                       "required": ["arg"]}}}],
+        "messages": [user("User message"),
+                     assistant("", tool_calls=[call("call00001", "tool1", args), call("call00002", "tool1", args)]),
+                     tool("call00001", "Tool response"), assistant("The tool response was 'tool response'"),
+                     user("User message")]}
+    text = plain_jinja2(default_chat_template(), probe)
+    assert text.count('[TOOL_CALLS]tool1[ARGS]{"arg": "value"}') == 2
+    with pytest.raises(Exception):
+        reference_ids(reference, probe)
+    with pytest.raises(PromptError, match="2 tool call"):
+        render(default_chat_template(), probe["messages"], tools=probe["tools"])
 
 
 def test_render_leaves_messages_untouched(engine):
