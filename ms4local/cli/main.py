@@ -8,7 +8,7 @@ import warnings
 import typer
 
 from ..errors import Ms4localNotice
-from . import chat, demo, doctor, eval, info, quantize, serve, tokenize
+from . import chat, demo, doctor, eval, info, quantize, rpc_server, serve, tokenize
 
 _show_warning = warnings.showwarning
 
@@ -38,6 +38,7 @@ app.command("demo")(demo.demo)
 app.command("doctor")(doctor.doctor)
 app.command("info")(info.info)
 app.command("eval")(eval.eval_command)
+app.command("rpc-server")(rpc_server.rpc_server)
 
 if __name__ == "__main__":
     app()
