@@ -24,9 +24,12 @@ from quantize.synth import TinySpec, make_checkpoint
 
 from .. import engine, ui
 from ..engine import Engine, EngineOptions
+from ..engine import rpc as engine_rpc
 from ..errors import Ms4localError
+from ..rpc import parse_endpoints, preflight
 from . import options
 from .errors import handle_errors
+from .isolate import isolate_rpc
 
 
 def _version(dist: str) -> str:
@@ -57,25 +60,31 @@ def memory() -> dict[str, int]:
         return {"total": total, "available": avail}
 
 
-def check_mistral4() -> tuple[bool, str]:
-    """Generate a tiny Mistral 4 GGUF, load it with this llama.cpp and evaluate a few tokens."""
+def check_mistral4(rpc: list[str] | None = None) -> tuple[bool, str]:
+    """Generate a tiny Mistral 4 GGUF, load it with this llama.cpp and evaluate a few tokens
+    (with `rpc`, every layer on those rpc-servers)."""
     with tempfile.TemporaryDirectory(prefix="ms4local-doctor-") as tmp:
         ckpt = make_checkpoint(Path(tmp) / "Tiny-Mistral4", TinySpec(vocab=2000, seed=0))
         gguf = convert(ckpt, out=Path(tmp) / "tiny.gguf", out_type="F32").output
         try:
-            with Engine(gguf, EngineOptions(ctx_size=64)) as e:
+            with Engine(gguf, EngineOptions(ctx_size=64, rpc=list(rpc or []))) as e:
                 ids = e.tokenize("Bonjour le monde", add_special=True)
                 e.logits(ids)
                 arch = e.metadata.get("general.architecture", "?")
         except Ms4localError as err:
             return False, str(err)
-    return True, f"a generated tiny {arch} GGUF loads and runs"
+    where = f" with every layer on {', '.join(rpc)}" if rpc else ""
+    return True, f"a generated tiny {arch} GGUF loads and runs{where}"
 
 
-def collect() -> dict[str, Any]:
-    """Everything `doctor` reports, as plain data."""
+def collect(rpc: list[str] | None = None) -> dict[str, Any]:
+    """Everything `doctor` reports, as plain data (with `rpc`, those servers and a run through them)."""
+    servers = preflight(parse_endpoints(rpc)) if rpc else []
+    library = engine_rpc.library_file()
+    rpc_report = {"available": engine_rpc.available(), "library": str(library) if library else None,
+                  "servers": [s.to_json() for s in servers]}
+    ok, detail = check_mistral4(rpc)
     devs = engine.devices()
-    ok, detail = check_mistral4()
     return {
         "python": platform.python_version(),
         "llama_cpp_python": _version("llama-cpp-python"),
@@ -86,14 +95,16 @@ def collect() -> dict[str, Any]:
         "devices": [vars(d) for d in devs],
         "gpu_offload": any(d.kind in ("GPU", "iGPU") for d in devs),
         "ram": memory(),
+        "rpc": rpc_report,
         "mistral4": {"ok": ok, "detail": detail},
     }
 
 
 @handle_errors
-def doctor(as_json: options.Json = False) -> None:
-    """Show llama.cpp's backends and devices, memory, and whether it runs Mistral 4."""
-    report = collect()
+@isolate_rpc
+def doctor(as_json: options.Json = False, rpc: options.Rpc = None) -> None:
+    """Show llama.cpp's backends and devices, memory, whether it runs Mistral 4 (through --rpc servers too)."""
+    report = collect(rpc)
     if as_json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -116,6 +127,12 @@ def _print(r: dict[str, Any]) -> None:
     facts.add_row("RAM", f"{h(r['ram']['total'])} total, {h(r['ram']['available'])} available")
     facts.add_row("GPU offload", "yes" if r["gpu_offload"] else
                   "no: this build is CPU-only (`make install-cuda` or `make install-metal` rebuilds it)")
+    rpc = r["rpc"]
+    facts.add_row("RPC", f"yes ({rpc['library']})" if rpc["available"] else
+                  "no: built without -DGGML_RPC=on, so no rpc-server or --rpc (`make install` rebuilds it)")
+    for s in rpc["servers"]:
+        mem = ", ".join(f"#{d['index']} {h(d['free'])} free of {h(d['total'])}" for d in s["devices"])
+        facts.add_row("", f"rpc-server {s['endpoint']}: protocol {s['protocol']}, {mem}")
     m4 = r["mistral4"]
     facts.add_row("mistral4", ("[green]yes[/]: " if m4["ok"] else "[red]no[/]: ") + m4["detail"].replace("[", r"\["))
     ui.out.print(facts)

@@ -21,6 +21,7 @@ from ..errors import EvalError
 from ..evaluate import DEFAULT_CTX, EvalResult, evaluate
 from . import options
 from .errors import handle_errors
+from .isolate import isolate_rpc
 
 Reference = Annotated[Optional[str], typer.Option(
     "--reference", metavar="REF.gguf", show_default=False,
@@ -79,6 +80,7 @@ def run_eval(model: str | Path, *, reference: str | None, text: Path | None, ctx
 
 
 @handle_errors
+@isolate_rpc
 def eval_command(
     model: options.Model,
     reference: Reference = None,
@@ -87,12 +89,15 @@ def eval_command(
     chunks: Chunks = 0,
     threads: options.Threads = None,
     n_gpu_layers: options.NGpuLayers = None,
+    tensor_split: options.TensorSplit = None,
     flash_attn: options.FlashAttn = "auto",
+    rpc: options.Rpc = None,
     as_json: options.Json = False,
 ) -> None:
     """Perplexity of MODEL over a text (chunked like llama-perplexity); with --reference the KL divergence
     of its next-token distributions from the reference's, computed in one pass over both."""
-    opts = options.engine_options(ctx_size=ctx_size, threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+    opts = options.engine_options(ctx_size=ctx_size, threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                                  tensor_split=tensor_split, rpc=rpc)
     result = run_eval(model, reference=reference, text=text, ctx_size=ctx_size, chunks=chunks, engine_opts=opts)
     if as_json:
         print(json.dumps(result.to_json(), indent=1))

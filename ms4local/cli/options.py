@@ -19,6 +19,7 @@ from .. import ui
 from ..engine import EngineOptions, Placement, place
 from ..errors import OptionsError
 from ..placement import Plan
+from ..rpc import parse_endpoints
 
 Model = Annotated[str, typer.Argument(help="A GGUF file (the first file of a split set).", show_default=False)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: random).")]
@@ -58,6 +59,15 @@ Fit = Annotated[Optional[bool], typer.Option(
 Vram = Annotated[Optional[str], typer.Option(
     "--vram", metavar="SIZE", show_default=False, help="Plan --fit for this much GPU memory (24G, 24GiB, 512M) "
                                                        "instead of what the GPU reports free.")]
+
+TensorSplit = Annotated[Optional[str], typer.Option(
+    "-ts", "--tensor-split", metavar="N0,N1,…", show_default=False,
+    help="Share of the offloaded layers per device, in llama.cpp's order: the --rpc servers' devices first, then "
+         "the local GPUs (e.g. 3,1). Default: in proportion to free memory.")]
+Rpc = Annotated[Optional[list[str]], typer.Option(
+    "--rpc", metavar="HOST:PORT[,…]", show_default=False,
+    help="llama.cpp rpc-servers (`ms4local rpc-server` on the other hosts) whose devices take layers like GPUs; "
+         "repeatable or comma-separated. Unencrypted, unauthenticated: a private network or an SSH tunnel only.")]
 
 # ----------------------------------------------------------------------------- images
 Mmproj = Annotated[Optional[str], typer.Option(
@@ -116,12 +126,23 @@ def parse_gpu_layers(value: str | int | None) -> int | None:
     raise OptionsError(f"-ngl/--n-gpu-layers must be a number of layers or 'all', got {value!r}")
 
 
+def parse_tensor_split(value: str | None) -> list[float]:
+    """-ts as llama.cpp reads it: shares separated by commas or slashes ("3,1", "3/1")."""
+    if not value:
+        return []
+    try:
+        return [float(x) for x in value.replace("/", ",").split(",")]
+    except ValueError:
+        raise OptionsError(f"-ts/--tensor-split wants numbers separated by commas (e.g. 3,1), got {value!r}") from None
+
+
 def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_size: int = 512,
                    ubatch_size: int = 512, flash_attn: str = "auto", cache_type_k: str = "f16",
                    cache_type_v: str = "f16", n_gpu_layers: str | int | None = None, cpu_moe: bool = False,
                    n_cpu_moe: int = 0, override_tensor: list[str] | None = None, fit: bool | None = None,
                    vram: str | int | None = None, mmproj: str | None = None, no_mmproj: bool = False,
-                   image_max_tokens: int = 1024) -> EngineOptions:
+                   image_max_tokens: int = 1024, tensor_split: str | None = None,
+                   rpc: list[str] | None = None) -> EngineOptions:
     """The command-line engine flags as one checked `EngineOptions` (raises OptionsError/SizeError).
 
     Everything that can be judged without the model is judged here, so a typo fails before the
@@ -134,7 +155,8 @@ def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_si
         n_gpu_layers=parse_gpu_layers(n_gpu_layers), cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
         override_tensor=list(override_tensor or []), fit=fit,
         vram=parse_size(vram) if isinstance(vram, str) else vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens)
+        image_max_tokens=image_max_tokens, tensor_split=parse_tensor_split(tensor_split),
+        rpc=[str(ep) for ep in parse_endpoints(rpc or [])])
     opts.check()
     return opts
 

@@ -1,0 +1,196 @@
+"""Run a command whose engine uses rpc-servers in a child process, so that a lost server ends it
+with one line instead of llama.cpp's abort.
+
+llama.cpp's RPC client aborts its process when a server goes away while in use
+(`RPC_STATUS_ASSERT`: "Remote RPC server crashed or returned malformed response") and prints a C
+backtrace. A command given `--rpc` therefore probes the endpoints (ms4local/rpc.py: a bad one is
+one line, exit 1, before anything starts) and then runs itself again in a child: the same
+function with the same arguments, handed over a pipe. The child shares the terminal (stdin,
+stdout, and Python's stderr through a duplicate of fd 2) but its C-level stderr goes to a file,
+with GGML_NO_BACKTRACE set. When the child dies of a signal, the parent reads llama.cpp's last
+words from that file, probes the endpoints again to name the one that is gone, and prints one line.
+
+    python -m ms4local.cli.isolate CALL_FD STDERR_FD     the child's entry point (internal)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from ..errors import RpcError
+from ..rpc import Endpoint, parse_endpoints, preflight, probe
+from .errors import fail
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CHILD_ENV = "MS4LOCAL_RPC_CHILD"  # set in the child: run the command itself, do not isolate again
+
+
+def in_child() -> bool:
+    return bool(os.environ.get(CHILD_ENV))
+
+
+def isolate_rpc(func: F) -> F:
+    """Run the command in a child process when it was given `--rpc` (see the module's docstring).
+
+    Sits under `handle_errors`, so that an endpoint refused by the probe is its one line.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        rpc = kwargs.get("rpc")
+        if not rpc or in_child() or args:
+            return func(*args, **kwargs)
+        endpoints = parse_endpoints(rpc)
+        preflight(endpoints)
+        code = run_child(func, kwargs, endpoints)
+        if code:
+            raise typer.Exit(code)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Child:
+    """`func(**kwargs)` run again in a child process, its C-level stderr kept in a file.
+
+    `own_group` starts it in a session of its own, so that the terminal's Ctrl-C reaches only the
+    parent, which decides what to pass on (`serve`); an interactive `chat` stays in the terminal's
+    foreground group, where it reads the keyboard.
+    """
+
+    def __init__(self, func: Callable[..., Any], kwargs: dict[str, Any], *, env: dict[str, str] | None = None,
+                 own_group: bool = False) -> None:
+        call = pickle.dumps((func.__module__, func.__name__, kwargs))
+        read_fd, write_fd = os.pipe()
+        term_fd = os.dup(2)
+        self.c_stderr = tempfile.TemporaryFile(prefix="ms4local-engine-stderr-")
+        full_env = dict(os.environ, **(env or {}), **{CHILD_ENV: "1", "GGML_NO_BACKTRACE": "1"})
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ms4local.cli.isolate", str(read_fd), str(term_fd)],
+                                         stderr=self.c_stderr, pass_fds=(read_fd, term_fd), env=full_env,
+                                         start_new_session=own_group)
+        finally:
+            os.close(read_fd)
+            os.close(term_fd)
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(call)
+
+    def words(self) -> str:
+        """llama.cpp's last words on the child's C stderr ("" when it wrote none)."""
+        self.c_stderr.seek(0)
+        return last_words(self.c_stderr.read().decode("utf-8", "replace"))
+
+    def death(self, code: int, endpoints: list[Endpoint]) -> str:
+        """One line for a child that ended with return code `code` < 0 (a signal)."""
+        return death_message(-code, self.words(), endpoints)
+
+    def close(self) -> None:
+        self.c_stderr.close()
+
+
+def run_child(func: Callable[..., Any], kwargs: dict[str, Any], endpoints: list[Endpoint]) -> int:
+    """Run `func(**kwargs)` in a child process; its exit code, or 1 after one line when it died."""
+    child = Child(func, kwargs)
+    try:
+        code = _wait(child.proc)
+        if code >= 0:
+            return code
+        print(f"error: {child.death(code, endpoints)}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        child.close()
+
+
+def _wait(child: subprocess.Popen[bytes]) -> int:
+    """Wait for the child, passing SIGTERM on and SIGINT when the terminal did not send it to both."""
+    tty = sys.stdin is not None and sys.stdin.isatty()
+
+    def forward(signum: int, _frame: Any) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C at a terminal reaches the whole foreground group, the child included: it stops the
+    # answer there, and the parent must not send a second one (two stop the chat).
+    signal.signal(signal.SIGINT, signal.SIG_IGN if tty else forward)
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def last_words(text: str) -> str:
+    """llama.cpp's abort message from the child's C stderr ("file.cpp:123: message" → message)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        head, sep, rest = line.partition(": ")
+        if sep and ":" in head and head.rsplit(":", 1)[-1].isdigit():
+            return rest.strip()
+    return lines[-1] if lines else ""
+
+
+def death_message(signum: int, words: str, endpoints: list[Endpoint]) -> str:
+    """One line for a child that died of `signum`: the lost rpc-server(s) if a probe finds them."""
+    try:
+        how = signal.Signals(signum).name
+    except ValueError:
+        how = f"signal {signum}"
+    lost = []
+    for ep in endpoints:
+        try:
+            probe(ep, timeout=2.0)
+        except RpcError as e:
+            lost.append(f"{ep} ({e.reason})")
+    said = f": {words}" if words else f" ({how})"
+    if lost:
+        return (f"lost rpc-server {', '.join(lost)}; llama.cpp stopped{said}. Start the rpc-server again and rerun")
+    servers = ", ".join(map(str, endpoints))
+    return f"the engine stopped{said}; the rpc-servers ({servers}) answer again now, rerun to continue"
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGTERM to the child when the parent dies (e.g. by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def child_main(call_fd: int, term_fd: int) -> int:
+    """The child: Python's stderr on the terminal again, then the command with the parent's arguments."""
+    sys.stderr = open(term_fd, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace")
+    _die_with_parent()
+    with open(call_fd, "rb") as f:
+        module, name, kwargs = pickle.loads(f.read())
+    func = getattr(importlib.import_module(module), name)
+    try:
+        func(**kwargs)
+    except typer.Exit as e:
+        return int(e.exit_code or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or not in_child():
+        raise SystemExit(fail("ms4local.cli.isolate is started by ms4local itself", 2).exit_code)
+    sys.exit(child_main(int(sys.argv[1]), int(sys.argv[2])))
