@@ -130,7 +130,7 @@ def test_probe_refused_and_unresolvable():
         probe("no-such-host.invalid:50052")
 
 
-@pytest.mark.parametrize("command", ["chat", "info", "eval"])
+@pytest.mark.parametrize("command", ["chat", "info", "eval", "serve"])
 def test_unreachable_endpoint_is_one_line_within_seconds(command, model, cli_env):
     """A closed port is refused by the probe, before llama.cpp (which would abort) sees it."""
     port = free_port()
@@ -370,3 +370,46 @@ def test_doctor_says_whether_rpc_is_built_in(cli_env):
     rpc = json.loads(r.stdout)["rpc"]
     assert rpc["available"] == (RPC_LIB is not None) and rpc["servers"] == []
 
+
+@needs_rpc
+def test_serve_survives_a_lost_rpc_server_and_loads_again(model, servers, tmp_path, endless):
+    """`serve --rpc`: answers through the servers; a server killed mid-stream ends that stream with an
+    error event, /health and new requests get 503 naming it, and once it is started again on the
+    same port the model is loaded again without the user restarting anything."""
+    import openai
+    from serving import Server, user
+
+    victim = servers[1]
+    srv = Server(model, "--rpc", ",".join(s.endpoint for s in servers), "-c", "4096")
+    try:
+        client = srv.client()
+        name = Path(model).name.removesuffix(".gguf")
+        first = client.chat.completions.create(model=name, messages=user("Bonjour"), max_tokens=8, temperature=0)
+        assert first.choices[0].message.content
+        stream = client.chat.completions.create(model=name, messages=user("Raconte"), max_tokens=3000, stream=True,
+                                                extra_body=endless)
+        chunks = iter(stream)
+        next(chunks), next(chunks)  # the answer is streaming
+        victim.proc.kill()
+        victim.proc.wait()
+        with pytest.raises(openai.APIError, match=f"lost rpc-server {victim.endpoint}"):
+            for _ in chunks:
+                pass
+        status, headers, body = srv.get("/health")
+        assert status == 503 and body["status"] == "unavailable" and victim.endpoint in body["reason"]
+        assert {k.lower(): v for k, v in headers.items()}.get("retry-after") == "5"
+        with pytest.raises(openai.InternalServerError, match=f"lost rpc-server {victim.endpoint}"):
+            client.chat.completions.create(model=name, messages=user("Bonjour"), max_tokens=8)
+        servers[1] = RpcServer(tmp_path, victim.port)  # the same endpoint, back
+        deadline = time.monotonic() + 120
+        while srv.get("/health")[0] != 200:
+            assert time.monotonic() < deadline, srv.get("/health")
+            time.sleep(0.5)
+        again = client.chat.completions.create(model=name, messages=user("Bonjour"), max_tokens=8, temperature=0)
+        assert again.choices[0].message.content == first.choices[0].message.content
+        assert srv.get("/health")[2]["status"] == "ok"
+        assert srv.terminate() == 0
+    finally:
+        srv.kill()
+    out = srv.proc.stdout.read()
+    assert "ggml-rpc.cpp" not in out and "Traceback" not in out, out

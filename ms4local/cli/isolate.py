@@ -35,6 +35,7 @@ from .errors import fail
 F = TypeVar("F", bound=Callable[..., Any])
 
 CHILD_ENV = "MS4LOCAL_RPC_CHILD"  # set in the child: run the command itself, do not isolate again
+RERUN = "Start the rpc-server again and rerun"
 
 
 def in_child() -> bool:
@@ -92,9 +93,9 @@ class Child:
         self.c_stderr.seek(0)
         return last_words(self.c_stderr.read().decode("utf-8", "replace"))
 
-    def death(self, code: int, endpoints: list[Endpoint]) -> str:
+    def death(self, code: int, endpoints: list[Endpoint], advice: str = RERUN) -> str:
         """One line for a child that ended with return code `code` < 0 (a signal)."""
-        return death_message(-code, self.words(), endpoints)
+        return death_message(-code, self.words(), endpoints, advice)
 
     def close(self) -> None:
         self.c_stderr.close()
@@ -143,7 +144,7 @@ def last_words(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def death_message(signum: int, words: str, endpoints: list[Endpoint]) -> str:
+def death_message(signum: int, words: str, endpoints: list[Endpoint], advice: str = RERUN) -> str:
     """One line for a child that died of `signum`: the lost rpc-server(s) if a probe finds them."""
     try:
         how = signal.Signals(signum).name
@@ -157,9 +158,9 @@ def death_message(signum: int, words: str, endpoints: list[Endpoint]) -> str:
             lost.append(f"{ep} ({e.reason})")
     said = f": {words}" if words else f" ({how})"
     if lost:
-        return (f"lost rpc-server {', '.join(lost)}; llama.cpp stopped{said}. Start the rpc-server again and rerun")
+        return f"lost rpc-server {', '.join(lost)}; llama.cpp stopped{said}. {advice}"
     servers = ", ".join(map(str, endpoints))
-    return f"the engine stopped{said}; the rpc-servers ({servers}) answer again now, rerun to continue"
+    return f"the engine stopped{said}; the rpc-servers ({servers}) answer now"
 
 
 def _die_with_parent() -> None:
