@@ -36,6 +36,35 @@ class ImageError(Ms4localError):
     or too large, or an image sent to a model without its vision projector."""
 
 
+class HubError(Ms4localError):
+    """A Hugging Face Hub name (`org/repo[:QUANT]`) that cannot be resolved or fetched."""
+
+
+class HubNameError(HubError):
+    """Text that is neither an existing path nor a well-formed `org/repo[:QUANT]` name."""
+
+
+class HubNotFoundError(HubError):
+    """The repository, its revision, or the asked quant is not on the Hub (HTTP 404, or a name
+    that matches no file of the repo)."""
+
+
+class HubAccessError(HubError):
+    """The Hub refused access: a gated or private repo, no token or a rejected one (HTTP 401/403)."""
+
+
+class HubNetworkError(HubError):
+    """The Hub cannot be reached (no network, DNS, refused connection, a download that keeps failing)."""
+
+
+class HubOfflineError(HubError):
+    """HF_HUB_OFFLINE=1 forbids the network and the name is not (completely) in the local cache."""
+
+
+class DiskSpaceError(HubError):
+    """Too little free space for a download; raised before a byte is written."""
+
+
 class Ms4localNotice(UserWarning):
     """A remark the user should see once, not an error (e.g. a vocabulary tokenized by llama.cpp's
     tokenizer); the CLI prints it as one `note:` line on stderr."""

@@ -45,6 +45,14 @@ def bundled_text() -> str:
     return resources.files("ms4local").joinpath("data/eval.txt").read_text(encoding="utf-8")
 
 
+def read_text(path: str | Path) -> tuple[str, str]:
+    """A UTF-8 text to score (`--text`) and the name the report gives it; raises EvalError."""
+    try:
+        return Path(path).read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"cannot read --text {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 @dataclass(frozen=True)
 class KLStats:
     """How far the model's next-token distributions are from the reference's (llama-perplexity's figures)."""

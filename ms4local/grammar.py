@@ -1,13 +1,16 @@
-"""GBNF for JSON-schema integer bounds (`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`),
-and the limits on what a schema may make the grammar converter and llama.cpp's grammar parser build.
+"""Every GBNF grammar ms4local writes, built in this one module: a server answer held to JSON or
+tool calls (`answer_grammar`), JSON schemas → rules (`json_grammar`, over llama.cpp's own
+converter), integer bounds the converter ignores, and the limits on what a schema may make the
+converter and llama.cpp's grammar parser build.
 
-llama-cpp-python 0.3.36's copy of llama.cpp's schema converter ignores these keywords for integers
-(a TODO in its source), so a `json_schema` response format with `{"type": "integer", "minimum": 1,
-"maximum": 5}` could yield 9 and fail validation. `json_grammar` (engine.py) hands bounded integers
-to `integer_rule` instead. The rule accepts exactly the decimal integers in the range, written as
-JSON writes them (no leading zeros, no "+"), built digit by digit the way range regexes are: split
-the range at powers of ten, then within one length at the first digit where the bounds part.
-Pure Python, no llama.cpp: tests check it against llama.cpp's own grammar engine.
+llama-cpp-python 0.3.36's copy of llama.cpp's schema converter ignores `minimum`, `maximum`,
+`exclusiveMinimum` and `exclusiveMaximum` for integers (a TODO in its source), so a `json_schema`
+response format with `{"type": "integer", "minimum": 1, "maximum": 5}` could yield 9 and fail
+validation. `json_grammar` hands bounded integers to `integer_rule` instead. That rule accepts
+exactly the decimal integers in the range, written as JSON writes them (no leading zeros, no "+"),
+built digit by digit the way range regexes are: split the range at powers of ten, then within one
+length at the first digit where the bounds part. Pure Python, no llama.cpp: tests check it against
+llama.cpp's own grammar engine.
 
 Limits (`check_schema`, `check_grammar`): the converter writes `minLength: n` as n copies of the
 character rule and `maxLength: m` as m - n nested optional groups, and llama.cpp expands `x{n}`
@@ -20,11 +23,14 @@ before anything is built.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import PromptError
+from .stream import Tag
 
 MAX_DIGITS = 16  # as the converter's `integral-part` (and enough for any 53-bit JSON integer)
 BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
@@ -35,6 +41,83 @@ MAX_GRAMMAR_CHARS = 4 * 2**20  # GBNF text handed to llama.cpp's parser (a few M
 COUNT_KEYS = ("minLength", "maxLength", "minItems", "maxItems")
 VALUE_KEYS = ("enum", "const", "default", "examples")  # JSON values, not schemas: not walked
 _QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def json_grammar(schemas: dict[str, Any]) -> str:
+    """GBNF with one rule per entry of `schemas` (rule name → JSON schema), each matching the JSON
+    values the schema allows, plus the helper rules they share. The caller writes `root`.
+
+    llama-cpp-python's copy of llama.cpp's schema converter does the work, so a schema means here
+    what it means to llama-server. It signals unsupported schemas with asserts, ValueErrors and
+    KeyErrors alike (and recursion for self-referencing ones), so every failure becomes one
+    PromptError naming the schema as the cause.
+    """
+    # Imported here, not at the top: the engine imports this module's checks.
+    from .engine.library import schema_converter
+
+    RESERVED_NAMES, SchemaConverter = schema_converter()
+
+    class Converter(SchemaConverter):
+        """The converter, plus integer bounds (`integer_rule`), which this copy ignores."""
+
+        def visit(self, schema: Any, name: str) -> str:
+            bounds = integer_bounds(schema) if isinstance(schema, dict) and schema.get("type") == "integer" \
+                and not {"$ref", "oneOf", "anyOf", "allOf", "const", "enum"} & set(schema) else None
+            if bounds is None:
+                return super().visit(schema, name)
+            rule = name + "-" if name in RESERVED_NAMES else name or "root"
+            return self._add_rule(rule, integer_rule(*bounds))
+
+    check_schema(*schemas.values())  # the converter expands counts in Python: bounded first
+    conv = Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    for name, schema in schemas.items():
+        try:
+            key = conv.visit(conv.resolve_refs(schema, "request"), name)
+            if key != name:  # a primitive schema gets the primitive's rule name: point `name` at it
+                conv._add_rule(name, key)
+        except RecursionError:
+            raise PromptError("the JSON schema nests or refers to itself too deeply to become a grammar") from None
+        except PromptError:
+            raise
+        except Exception as e:  # the converter's own checks; see the docstring
+            raise PromptError(f"the JSON schema cannot be turned into a grammar: {e or type(e).__name__}") from None
+    grammar = conv.format_grammar()
+    check_grammar(grammar)
+    return grammar
+
+
+def answer_grammar(tags: Mapping[Tag, int], *, json_schema: Any = None, tools: Sequence[tuple[str, Any]] | None = None,
+                   calls_only: bool = False, one_call: bool = False, think: bool = False) -> str:
+    """GBNF for a whole answer: JSON valid against `json_schema`, or tool calls, or either.
+
+    A tool call is `[TOOL_CALLS]name[ARGS]{arguments}` for one of `tools` ((name, parameters
+    schema) pairs), its control tokens written by id (`<[id]>`, from `tags`, which must hold
+    [TOOL_CALLS] and [ARGS]), as the model writes them unconstrained; one call with `one_call`,
+    else one or more. With `calls_only` the answer must be tool calls, and `json_schema`, when
+    given, is converted (so a bad one is still refused) but is no alternative. With `think`, and
+    the vocabulary's [THINK] and [/THINK], the answer starts with the block the model writes at
+    high effort. PromptError for a schema that cannot become a grammar.
+    """
+    schemas: dict[str, Any] = {}
+    rules: list[str] = []
+    answers: list[str] = []
+    if json_schema is not None:
+        schemas["ms4-json"] = json_schema
+        if not calls_only:
+            answers.append("ms4-json")
+    if tools is not None:
+        alts = []
+        for k, (name, parameters) in enumerate(tools):
+            schemas[f"ms4-args-{k}"] = parameters
+            alts.append(f"{json.dumps(name)} <[{tags[Tag.ARGS]}]> ms4-args-{k}")
+        rules.append(f"ms4-call ::= <[{tags[Tag.TOOL_CALLS]}]> ({' | '.join(alts)})")
+        answers.append("ms4-call" if one_call else "ms4-call+")
+    start = ""
+    if think and Tag.THINK in tags and Tag.THINK_END in tags:
+        rules.append(f"ms4-think ::= <[{tags[Tag.THINK]}]> (!<[{tags[Tag.THINK_END]}]>)* <[{tags[Tag.THINK_END]}]>")
+        start = "ms4-think "
+    shared = json_grammar(schemas)
+    return "\n".join([f"root ::= {start}({' | '.join(answers)})", *rules, shared])
 
 
 def check_schema(*schemas: Any) -> None:

@@ -137,7 +137,9 @@ class End:
     eos: bool
 
 
-Event = Union[ReasoningDelta, ContentDelta, ToolCallDelta, ToolCall, MalformedToolCall, End]
+# What the parser yields; named apart from `engine.Event` (the engine's `Delta`, tool calls and
+# `Done`), which the engine builds from these.
+ParsedEvent = Union[ReasoningDelta, ContentDelta, ToolCallDelta, ToolCall, MalformedToolCall, End]
 
 
 class _State(Enum):
@@ -164,7 +166,7 @@ class StreamParser:
         self._by_text = sorted(((t, tag) for tag, t in self.tags.texts.items() if t), key=lambda p: -len(p[0]))
         self._state = _State.CONTENT
         self._pending = ""
-        self._out: list[Event] = []
+        self._out: list[ParsedEvent] = []
         self._index = -1
         self._name: list[str] = []
         self._call_id: list[str] = []
@@ -174,7 +176,7 @@ class StreamParser:
         self._finished = False
 
     # ------------------------------------------------------------------------------- input
-    def feed(self, text: str, token: int | None = None) -> list[Event]:
+    def feed(self, text: str, token: int | None = None) -> list[ParsedEvent]:
         """Add one generated piece. With `token`, the id decides whether it is a tag."""
         if self._finished:
             raise RuntimeError("the parser is finished; make a new StreamParser for the next answer")
@@ -190,7 +192,7 @@ class StreamParser:
                     self._tag(tag)
         return self._take()
 
-    def finish(self) -> list[Event]:
+    def finish(self) -> list[ParsedEvent]:
         """End of generation: settle held-back text and an open tool call, then `End`."""
         if self._finished:
             raise RuntimeError("finish() was already called")
@@ -324,7 +326,7 @@ class StreamParser:
         self._state = _State.CONTENT
 
     # ------------------------------------------------------------------------------- output
-    def _emit(self, ev: Event) -> None:
+    def _emit(self, ev: ParsedEvent) -> None:
         last = self._out[-1] if self._out else None
         if isinstance(ev, ContentDelta) and isinstance(last, ContentDelta):
             self._out[-1] = ContentDelta(last.text + ev.text)
@@ -336,12 +338,12 @@ class StreamParser:
         else:
             self._out.append(ev)
 
-    def _take(self) -> list[Event]:
+    def _take(self) -> list[ParsedEvent]:
         out, self._out = self._out, []
         return out
 
 
-def parse(pieces: Iterable[str | tuple[int | None, str]], tags: Tags | None = None) -> Iterator[Event]:
+def parse(pieces: Iterable[str | tuple[int | None, str]], tags: Tags | None = None) -> Iterator[ParsedEvent]:
     """Parse a whole stream: pieces are text (text mode) or `(token_id, text)` (token mode)."""
     parser = StreamParser(tags)
     for piece in pieces:

@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from markdown_it import MarkdownIt
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -15,9 +15,13 @@ from rich.markdown import Markdown
 from rich.panel import Panel
 from rich.segment import Segment
 from rich.text import Text
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn,
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from .evaluate import EvalResult
+    from .placement import Plan
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -81,6 +85,67 @@ def plan_table(rows: list[Any], total_bytes: int, n_params: int, title: str) -> 
         table.add_row(r.name, "×".join(map(str, r.shape)), r.source_dtype, r.type, human_bytes(r.nbytes), r.rule)
     bpw = 8 * total_bytes / max(n_params, 1)
     table.caption = f"{len(rows)} tensors, {n_params:,} parameters, {human_bytes(total_bytes)}, {bpw:.2f} bits per weight"
+    return table
+
+
+@contextmanager
+def eval_progress(description: str) -> Iterator[Callable[[int, int, float], None]]:
+    """A bar over chunks with the running perplexity; yields the callback `evaluate` calls."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+               TimeRemainingColumn(), TextColumn("[dim]PPL {task.fields[ppl]}"))
+    with lazy_progress(description, columns, transient=True, ppl="…") as update:
+        yield lambda done, total, ppl: update(done, total, ppl=f"{ppl:.4g}")
+
+
+def eval_table(r: EvalResult, *, size: int | None = None) -> Table:
+    """The figures of one evaluation (with the file size when given, as after quantizing)."""
+    title = f"{r.model.name}" + (f" vs {r.reference.name}" if r.reference else "")
+    t = Table(title=title, header_style="bold", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+    if size is not None:
+        t.add_row("file size", human_bytes(size))
+    t.add_row("perplexity", f"{r.ppl:.4f} ± {r.ppl_stderr:.4f}")
+    if r.kl is not None:
+        k = r.kl
+        t.add_row("reference perplexity", f"{k.reference_ppl:.4f}")
+        t.add_row("ln(PPL / PPL ref)", f"{k.ln_ppl_ratio:+.5f}")
+        t.add_row("KL divergence mean", f"{k.mean:.6f}")
+        t.add_row("KL divergence median", f"{k.median:.6f}")
+        t.add_row("KL divergence p99", f"{k.p99:.6f}")
+        t.add_row("KL divergence max", f"{k.max:.6f}")
+        t.add_row("same top token", f"{100 * k.top1_agreement:.2f}%")
+        t.add_row("mean |Δp| of the reference's top token", f"{100 * k.mean_abs_dp_top:.3f}%")
+    t.caption = (f"{r.chunks} chunks × {r.n_ctx} tokens, second half of each scored ({r.tokens} tokens) "
+                 f"of {r.text}; {r.seconds:.1f} s")
+    return t
+
+
+def quant_error_table(by_class: dict[str, float]) -> Table:
+    """The quantization-error report of a conversion: relative RMS error per tensor class, worst first."""
+    table = Table(title="quantization error (relative RMS, sampled rows)", header_style="bold")
+    table.add_column("class")
+    table.add_column("rel. RMS error", justify="right")
+    for cls, rms in sorted(by_class.items(), key=lambda kv: -kv[1]):
+        table.add_row(cls, f"{rms:.2e}")
+    return table
+
+
+def placement_table(plan: Plan, *, applied: bool = True) -> Table:
+    """What goes where, with bytes per device, and the llama.cpp flags that express it."""
+    how = f"-ngl {plan.n_gpu_layers} --n-cpu-moe {plan.n_cpu_moe}"
+    title = f"--fit placement for {plan.device} ({human_bytes(plan.budget)} to spend): {how}"
+    if not applied:
+        title += " (not applied: no GPU)"
+    table = Table(title=title, header_style="bold")
+    table.add_column("what")
+    table.add_column("device")
+    table.add_column("tensors", justify="right")
+    table.add_column("bytes", justify="right")
+    for row in plan.rows:
+        table.add_row(row.what, row.device, str(row.tensors) if row.tensors else "", human_bytes(row.nbytes))
+    table.caption = (f"GPU {human_bytes(plan.gpu_bytes)} of {human_bytes(plan.budget)} · "
+                     f"RAM {human_bytes(plan.cpu_bytes)}")
     return table
 
 

@@ -1,6 +1,7 @@
 """Find a checkpoint: a directory, or a Hugging Face repo id already in the local HF cache.
 
-Offline only: ms4local never downloads. The cache layout is huggingface_hub's
+Offline only: the converter never downloads (the `ms4local quantize` command pulls a repo the cache
+lacks before it calls the converter, through ms4local/hub/). The cache layout is huggingface_hub's
 (`$HF_HUB_CACHE` or `$HF_HOME/hub` or `~/.cache/huggingface/hub`,
 `models--ORG--NAME/refs/main` → `snapshots/<commit>`).
 """
@@ -41,8 +42,8 @@ def resolve_source(src: str | os.PathLike[str]) -> tuple[Path, str]:
             if candidates:
                 return candidates[-1], name
         raise ConfigError(
-            f"{text} is not in the local Hugging Face cache ({hf_cache_dir()}); ms4local does not download — "
-            f"fetch it first (e.g. `hf download {text}`) or pass a directory"
+            f"{text} is not in the local Hugging Face cache ({hf_cache_dir()}); the converter does not download — "
+            f"fetch it first (`ms4local pull {text}`) or pass a directory"
         )
     if path.exists():
         raise ConfigError(f"{src} is a file; SRC must be a checkpoint directory or a Hugging Face repo id")

@@ -7,14 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SMALL
 from quantize import convert
 from quantize.synth import TinySpec, make_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = ROOT / ".venv" / "bin"
-
-# Small-vocab spec for tests where the vocabulary does not matter (fast to generate and convert).
-SMALL = TinySpec(vocab=2000)
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T, GGUFReader
 
+from helpers import ROOT
 from quantize import arch, convert
 from quantize.arch import ATTN, DENSE, EMBED, NORM, OUTPUT, Architecture, TensorJob, Weights
 from quantize.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from quantize.synth import N_SPECIAL, v15_tekken, write_safetensors
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"architectures": ["ToyLlamaForCausalLM"], "model_type": "toy_llama", "vocab_size": 2000,
           "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,

@@ -11,10 +11,11 @@ import json
 
 import pytest
 
+from helpers.scripted import ScriptedEngine
 from ms4local.chat_session import (
     IMAGE_NOTICE, ChatSession, Command, InputAssembler, SessionError, history_path, parse_input,
 )
-from ms4local.engine import ChatStream, Delta, Done, Engine, EngineOptions, Sampling, Timings, Usage
+from ms4local.engine import Delta, Engine, EngineOptions, Sampling
 from ms4local.errors import ContextError
 
 
@@ -27,50 +28,6 @@ def model(ckpt, gguf_file):
 def vocab(model):
     with Engine(model, EngineOptions(vocab_only=True)) as e:
         yield e
-
-
-class ScriptedEngine:
-    """The real template and tokenizer; `chat` plays `script` (a list of (text, reasoning))."""
-
-    def __init__(self, vocab, script=(), *, supports_images=False, fail_at=None, exc=None, drop=0, path=None):
-        self.vocab = vocab
-        self.drop = drop  # what the real engine reports when the context is full (ChatStream.dropped_messages)
-        self.path, self.mmproj = path, None
-        self.script = list(script)
-        self.supports_images = supports_images
-        self.fail_at, self.exc = fail_at, exc
-        self.calls: list[dict] = []
-        self.resets = 0
-        self.closed = 0
-        self.n_ctx = 4096
-
-    def render(self, messages, *, reasoning_effort=None):
-        return self.vocab.render(messages, reasoning_effort=reasoning_effort)
-
-    def tokenize(self, text, *, add_special=False, parse_special=True):
-        return self.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
-
-    def reset(self):
-        self.resets += 1
-
-    def chat(self, messages, sampling=None, *, reasoning_effort=None):
-        self.calls.append({"messages": messages, "sampling": sampling, "effort": reasoning_effort})
-        prompt = self.tokenize(self.render(messages, reasoning_effort=reasoning_effort))
-
-        def events():
-            try:
-                for i, (text, reasoning) in enumerate(self.script):
-                    if i == self.fail_at:
-                        raise self.exc
-                    yield Delta(text, reasoning)
-                if self.fail_at == len(self.script):
-                    raise self.exc
-                n = len(self.script)
-                yield Done("stop", Usage(len(prompt), n + 1, 0), Timings(len(prompt), 0.01, 0.02, 0.1, n + 1))
-            finally:
-                self.closed += 1
-
-        return ChatStream(events(), self.drop) if self.drop else events()
 
 
 def run(turn, stop_after=None):

@@ -17,7 +17,7 @@ import pexpect
 import pytest
 from rich.console import Console
 
-from conftest import BIN
+from helpers import BIN
 from ms4local.ui import ChatView
 
 PROMPT = ">>> "

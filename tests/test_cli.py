@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import BIN
+import pytest
+
+from helpers import BIN
 from ms4local import Engine, EngineOptions
 
 
@@ -66,3 +68,11 @@ def test_demo_runs_offline(cli_env, tmp_path):
     p = run(["demo", "--workdir", tmp_path / "demo"], cli_env)
     assert "RANDOM" in p.stderr and (tmp_path / "demo" / "Mistral-Small-4-Tiny-Random-Q8_0.gguf").is_file()
     assert p.stdout.strip()
+
+
+@pytest.mark.parametrize("command", [["chat", "m.gguf"], ["serve", "m.gguf"], ["tokenize", "m.gguf", "hi"]],
+                         ids=["chat", "serve", "tokenize"])
+def test_reasoning_effort_is_checked_alike(command, cli_env):
+    """One check, one message, exit 2 (a usage error), before any file is read."""
+    p = run([*command, "--reasoning-effort", "medium"], cli_env, check=False)
+    assert (p.returncode, p.stdout, p.stderr) == (2, "", "error: --reasoning-effort must be none or high, got 'medium'\n")

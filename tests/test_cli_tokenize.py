@@ -10,7 +10,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import BIN
+from helpers import BIN
 
 from ms4local import Engine, EngineOptions
 from quantize.synth import TinySpec

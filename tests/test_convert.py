@@ -16,7 +16,7 @@ import pytest
 from gguf import GGUFReader, GGMLQuantizationType as T
 from safetensors.numpy import load_file
 
-from conftest import ROOT, SMALL
+from helpers import ROOT, SMALL
 from quantize import convert
 from quantize.synth import TinySpec, text_config
 

@@ -24,7 +24,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import quantize.writer
-from conftest import BIN
+from helpers import BIN
+from helpers.ggufs import CORRUPT, corrupt_gguf
 from quantize import convert
 from quantize.errors import (CheckpointError, ConfigError, MissingTensorError, OutputError, QuantizeError,
                              ShapeError, UnsupportedArchitectureError, UnsupportedTypeError, VocabError)
@@ -687,37 +688,6 @@ def test_cli_broken_chat_template(ckpt, cli_env, tmp_path):
 
 
 # --- a corrupt GGUF to re-quantize is refused before gguf-py or llama.cpp reads it (issue #18) --------
-
-def _gguf_kv(key: str, vtype: int, payload: bytes) -> bytes:
-    k = key.encode()
-    return len(k).to_bytes(8, "little") + k + vtype.to_bytes(4, "little") + payload
-
-
-def corrupt_gguf(kind: str, good: bytes) -> bytes:
-    le = lambda n, width=8: n.to_bytes(width, "little")  # noqa: E731
-    if kind == "big-endian":  # version 3 written big-endian, as a big-endian GGUF has it
-        return good[:4] + (3).to_bytes(4, "big") + good[8:]
-    if kind == "first-4-KB":
-        return good[:4096]
-    if kind == "half":
-        return good[:len(good) // 2]
-    if kind == "huge-tensor-count":
-        return good[:8] + le(1 << 62) + good[16:]
-    if kind == "huge-kv-count":
-        return good[:16] + le(1 << 62) + good[24:]
-    if kind == "huge-array":  # one key: an array of 2^60 uint32
-        return b"GGUF" + le(3, 4) + le(0) + le(1) + _gguf_kv("a", 9, le(4, 4) + le(1 << 60))
-    if kind == "huge-string":
-        return b"GGUF" + le(3, 4) + le(0) + le(1) + _gguf_kv("a", 8, le(1 << 60))
-    if kind == "array-of-arrays":  # 200,000 arrays of 2 arrays ... gguf-py walks them for minutes
-        inner = le(9, 4) + le(0)  # an empty array of arrays
-        return b"GGUF" + le(3, 4) + le(0) + le(1) + _gguf_kv("a", 9, le(9, 4) + le(200_000) + inner * 200_000)
-    raise ValueError(kind)
-
-
-CORRUPT = ["big-endian", "first-4-KB", "half", "huge-tensor-count", "huge-kv-count", "huge-array", "huge-string",
-           "array-of-arrays"]
-
 
 @pytest.mark.parametrize("kind", CORRUPT)
 def test_corrupt_gguf_is_refused_before_requantizing(ckpt, gguf_file, tmp_path, kind):

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import BIN
+from helpers import BIN
 from ms4local import Engine, EngineOptions
 from ms4local.errors import EvalError, VocabMismatchError
 from ms4local.evaluate import bundled_text, evaluate

@@ -13,9 +13,10 @@ import time
 import pytest
 
 from ms4local import Engine, EngineOptions
-from ms4local.engine import json_grammar, llama
+from ms4local.engine import llama
 from ms4local.errors import PromptError
-from ms4local.grammar import MAX_GRAMMAR_CHARS, MAX_REPEAT, MAX_SPAN, check_grammar, check_schema, integer_bounds
+from ms4local.grammar import (MAX_GRAMMAR_CHARS, MAX_REPEAT, MAX_SPAN, check_grammar, check_schema, integer_bounds,
+                              json_grammar)
 
 WINDOW = range(-1300, 1301)
 

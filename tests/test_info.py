@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from conftest import BIN
+from helpers import BIN
+from helpers.ggufs import CORRUPT, corrupt_gguf, write_real_sized_header
 from ms4local import EngineOptions
 from ms4local.engine import place
 from ms4local.info import inspect, template_features
@@ -232,8 +233,6 @@ def test_cli_text_output_and_errors(files, cli_env, tmp_path):
 
 def test_real_sized_header_is_fast_and_experts_dominate(tmp_path):
     """A Mistral Small 4 Q4_K_M header over a 67 GB hole: nothing but the header is read."""
-    from test_placement import write_real_sized_header  # the real model's tensors (spec §7.3)
-
     path, total = write_real_sized_header(
         tmp_path / "Mistral-Small-4-119B-Q4_K_M.gguf",
         {"attention.kv_lora_rank": 256, "rope.dimension_count": 64, "attention.head_count": 32,
@@ -309,8 +308,6 @@ def test_cli_truncated_file_says_truncated(files, cli_env, tmp_path, keep):
 
 def test_cli_corrupt_headers_fail_at_once(files, cli_env, tmp_path):
     """The header faults that send gguf-py into an IndexError or a minutes-long walk: one line, exit 1."""
-    from test_convert_errors import CORRUPT, corrupt_gguf
-
     good = files["F16"].read_bytes()
     for kind in CORRUPT:
         bad = tmp_path / f"{kind}.gguf"

@@ -7,7 +7,7 @@ checkpoint below is F32 with three 480 MiB expert stacks, so holding even one wh
 float32 plus its F16 copy would already cost ~720 MiB on top of the interpreter and imports.
 
 The peak is `ru_maxrss` of a fresh process that does nothing but the conversion, so pytest's own
-memory (and the generation of the checkpoint) does not count; see CONVERT for why it forks.
+memory (and the generation of the checkpoint) does not count; helpers/peak_rss.py says why it forks.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import math
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
+from helpers.peak_rss import CONVERT
 from quantize.source import SafetensorsSource
 from quantize.synth import TinySpec, make_checkpoint, text_tensors
 
@@ -57,36 +57,6 @@ def big_checkpoint(tmp_path_factory):
         yield src
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-# Linux keeps a process's ru_maxrss across execve, and Python starts subprocesses with vfork+exec,
-# so a child exec'd straight from pytest reports *pytest's* peak (over 1 GB right after generating
-# the checkpoint) as its own. The script therefore forks once more before it does anything: a forked
-# child starts with fresh rusage and a copy of a small interpreter, so its ru_maxrss is the
-# converter's own peak, imports included.
-CONVERT = textwrap.dedent("""
-    import json, os, resource, sys, time
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            import quantize
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            t0 = time.perf_counter()
-            result = quantize.convert(sys.argv[1], out=sys.argv[2], out_type=sys.argv[3])
-            print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "import_kib": base,
-                              "seconds": time.perf_counter() - t0, "written": result.written,
-                              "total_bytes": result.total_bytes}))
-            status = 0
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-""")
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import typer
 from gguf import GGUFReader
 from typer.testing import CliRunner
 
-from conftest import BIN, ROOT
+from helpers import BIN, ROOT
 from ms4local import Engine, EngineOptions, Sampling
 from ms4local import engine as eng
 from ms4local.engine import core

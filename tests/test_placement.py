@@ -9,12 +9,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, GGUFWriter
-from gguf.constants import GGML_QUANT_SIZES
+from gguf import GGUFReader
 
+from helpers.ggufs import write_real_sized_header
 from ms4local.errors import ModelLoadError
 from ms4local.gguf_model import read_model
 from ms4local.placement import EXPERTS_REGEX, GiB, MiB, compute_allowance, expert_overrides, kv_cache_bytes, plan
@@ -89,55 +87,6 @@ def test_header_errors_are_typed(tmp_path, gguf_file, ckpt):
         bad.write_bytes(data[:cut])
         with pytest.raises(ModelLoadError, match="truncated"):
             read_model(bad)
-
-
-# Mistral Small 4 at its real sizes (spec §2/§7.3, Q4_K_M), header only: the data is a hole in a
-# sparse file, so the test costs no disk and shows that nothing but the header is read.
-def _real_tensors():
-    H, V, E, F = 4096, 131072, 128, 2048
-    yield "token_embd.weight", [H, V], Q.Q4_K
-    for i in range(36):
-        down = Q.Q6_K if i % 3 == 0 else Q.Q4_K
-        yield from [(f"blk.{i}.attn_norm.weight", [H], Q.F32), (f"blk.{i}.attn_q_a.weight", [H, 1024], Q.Q4_K),
-                    (f"blk.{i}.attn_q_a_norm.weight", [1024], Q.F32), (f"blk.{i}.attn_q_b.weight", [1024, 4096], Q.Q4_K),
-                    (f"blk.{i}.attn_kv_a_mqa.weight", [H, 320], Q.Q4_K), (f"blk.{i}.attn_kv_a_norm.weight", [256], Q.F32),
-                    (f"blk.{i}.attn_k_b.weight", [64, 256, 32], Q.Q5_0), (f"blk.{i}.attn_v_b.weight", [256, 128, 32], Q.Q4_K),
-                    (f"blk.{i}.attn_output.weight", [H, H], Q.Q4_K), (f"blk.{i}.ffn_norm.weight", [H], Q.F32),
-                    (f"blk.{i}.ffn_gate_inp.weight", [H, E], Q.F32),
-                    (f"blk.{i}.ffn_gate_up_exps.weight", [H, 2 * F, E], Q.Q4_K),
-                    (f"blk.{i}.ffn_down_exps.weight", [F, H, E], down),
-                    (f"blk.{i}.ffn_gate_shexp.weight", [H, F], Q.Q4_K), (f"blk.{i}.ffn_up_shexp.weight", [H, F], Q.Q4_K),
-                    (f"blk.{i}.ffn_down_shexp.weight", [F, H], down)]
-    yield "output_norm.weight", [H], Q.F32
-    yield "output.weight", [H, V], Q.Q6_K
-
-
-def write_real_sized_header(path: Path, keys: dict[str, int], token_types: bool = False) -> tuple[Path, int]:
-    """A GGUF header with the real model's tensors over a hole of their size (a sparse file); (path, tensor bytes)."""
-    w = GGUFWriter(str(path), "mistral4")
-    w.add_block_count(36)
-    for key, value in keys.items():
-        w.add_uint32(f"mistral4.{key}", value)
-    w.add_token_list([f"tok{i}" for i in range(131072)])  # a real-sized array to step over
-    if token_types:
-        w.add_token_types([3 if i < 1000 else 1 for i in range(131072)])  # 1000 control tokens, as tekken v15
-    total = 0
-    for name, ne, q in _real_tensors():
-        block, size = GGML_QUANT_SIZES[q]
-        nbytes = int(np.prod(ne)) // block * size
-        shape = list(reversed(ne))
-        if q != Q.F32:
-            shape[-1] = shape[-1] // block * size  # gguf-py takes quantized shapes in bytes
-        w.add_tensor_info(name, shape, np.float32 if q == Q.F32 else np.uint8, nbytes, raw_dtype=q)
-        total += nbytes
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
-    with open(path, "r+b") as f:
-        start = -(-f.seek(0, 2) // 32) * 32
-        f.truncate(start + total)
-    return path, total
 
 
 @pytest.fixture(scope="module")

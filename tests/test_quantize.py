@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from conftest import BIN
+from helpers import BIN
 from ms4local import Engine, EngineOptions, Sampling
 from quantize import convert
 from quantize.policy import FILE_TYPES

@@ -8,7 +8,8 @@ weights/s per core): 130 experts × 2048 × 2048 F32 = 2.03 GiB, and decoded to 
 same 2.03 GiB, so a converter that materialised one stack would fail the 2 GB limit on its own.
 
 The peak is `ru_maxrss` of a process forked from a small one that does nothing but the conversion,
-as in test_memory.py (which explains why an exec'd child would report pytest's peak instead).
+as in test_memory.py (helpers/peak_rss.py explains why an exec'd child would report pytest's peak
+instead).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from conftest import ROOT
+from helpers import ROOT
+from helpers.peak_rss import CONVERT  # the forked, rusage-clean converter run; argv: src out type
 from quantize.quants import encode
 from quantize.source import SafetensorsSource
 from quantize.synth import TinySpec, config_json, text_tensors, tokenizer_json, v15_tekken, values
@@ -93,9 +95,6 @@ def big_checkpoint(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
-from test_memory import CONVERT as QUANTIZE  # the forked, rusage-clean converter run; argv: src out type
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("out_type, stack_type", [("Q8_0", T.Q8_0), ("Q4_K_M", T.Q4_K)], ids=["Q8_0", "Q4_K_M"])
 def test_quantize_peak_rss_under_2gb(big_checkpoint, out_type, stack_type):
@@ -104,7 +103,7 @@ def test_quantize_peak_rss_under_2gb(big_checkpoint, out_type, stack_type):
     assert stack > 2**31, "the expert stack is not over 2 GiB"
     out = src.parent / f"Big-Mistral4-{out_type}.gguf"
 
-    p = subprocess.run([sys.executable, "-c", QUANTIZE, str(src), str(out), out_type], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-c", CONVERT, str(src), str(out), out_type], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     stats = json.loads(p.stdout.strip().splitlines()[-1])

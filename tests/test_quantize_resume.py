@@ -37,7 +37,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from conftest import BIN, ROOT
+from helpers import BIN, ROOT
 from quantize import convert
 from quantize.synth import TinySpec, make_checkpoint
 from quantize.writer import journal_path, lock_path, output_lock

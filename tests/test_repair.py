@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -112,10 +113,11 @@ def test_a_file_with_the_keys_is_left_alone(ckpt, gguf_file):
 def test_the_cli_announces_the_repair_once_and_info_shows_it(third_party, cli_env):
     import subprocess
 
-    from conftest import BIN
+    from helpers import BIN
 
     _, path = third_party
-    out = subprocess.run([str(BIN / "ms4local"), "chat", str(path), "--prompt", "hello", "-n", "2", "-c", "256"], capture_output=True, text=True,
+    out = subprocess.run([str(BIN / "ms4local"), "chat", str(path), "--prompt", "hello", "-n", "2", "-c", "256"],
+                         capture_output=True, text=True,
                          env=cli_env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("Llama-4 query temperature keys") == 1, out.stderr  # said once, on stderr
@@ -170,3 +172,28 @@ def test_a_projector_without_the_img_break_row_is_repaired_from_the_model(vision
         with Engine(model, EngineOptions(ctx_size=512)) as again:
             assert np.array_equal(again.image_embeddings(img), embd)
     assert copies[0].stat().st_mtime_ns == stamp  # made once, then reused
+
+
+def test_list_says_which_files_need_a_repair(third_party, vision_pair, tmp_path):
+    import subprocess
+
+    from helpers import BIN
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "Third-F32.gguf").symlink_to(third_party[1])
+    env = {**os.environ, "MS4LOCAL_MODELS": str(models), "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([str(BIN / "ms4local"), "list", "--json"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    (entry,) = json.loads(out.stdout)
+    assert entry["repair"] == ["temperature keys"]
+    d = tmp_path / "vision"
+    d.mkdir()
+    (d / "Vis-F32.gguf").symlink_to(vision_pair[1])
+    (d / "mmproj-Vis-F16.gguf").symlink_to(vision_pair[2])
+    env["MS4LOCAL_MODELS"] = str(d)
+    out = subprocess.run([str(BIN / "ms4local"), "list", "--json"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    (entry,) = json.loads(out.stdout)
+    assert entry["repair"] == ["[IMG_BREAK] row"]

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import BIN, ROOT
+from helpers import BIN, ROOT
 from ms4local import EngineOptions
 from ms4local.cli import rpc_server as rpc_cli
-from ms4local.cli.isolate import last_words
+from ms4local.child import last_words
 from ms4local.cli.main import app
 from ms4local.engine import rpc as engine_rpc
 from ms4local.errors import OptionsError, RpcError
@@ -377,7 +377,7 @@ def test_serve_survives_a_lost_rpc_server_and_loads_again(model, servers, tmp_pa
     error event, /health and new requests get 503 naming it, and once it is started again on the
     same port the model is loaded again without the user restarting anything."""
     import openai
-    from serving import Server, user
+    from helpers.serving import Server, user
 
     victim = servers[1]
     srv = Server(model, "--rpc", ",".join(s.endpoint for s in servers), "-c", "4096")

@@ -18,11 +18,11 @@ import openai
 import pytest
 from PIL import Image
 
+from helpers.serving import KEY, assert_error, running, user
 from ms4local import Engine, EngineOptions
 from ms4local.server import is_loopback
 from quantize import convert
 from quantize.synth import TinySpec
-from serving import KEY, assert_error, running, user
 
 
 def png_data_uri(side: int = 56, seed: int = 0) -> str:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serving import KEY, Server, assert_error, metric, running, stream, user
+from helpers.serving import KEY, Server, assert_error, metric, running, stream, user
 
 
 @pytest.mark.parametrize("parallel", ["1", "4"])

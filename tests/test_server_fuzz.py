@@ -11,7 +11,7 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")  # in the [test] extra; a bare install may lack it
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (schemathesis brings hypothesis)
 
-from serving import KEY, running  # noqa: E402
+from helpers.serving import KEY, running, user  # noqa: E402
 
 MAX_EXAMPLES = 25
 
@@ -48,8 +48,6 @@ def test_fuzzed_requests_never_get_a_server_error(model):
 # values just past their ranges. These strategies aim there; every answer must be below 500 and
 # the engine must never need a restart.
 from hypothesis import strategies as st  # noqa: E402
-
-from serving import user  # noqa: E402
 
 HOSTILE_EXAMPLES = 150
 EDGE_INTS = st.sampled_from([0, -1, 1, 2, 16, 17, 255, 256, 257, 2**31 - 1, 2**31, 2**32, 2**63, -(2**63), 10**30,

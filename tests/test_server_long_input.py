@@ -1,7 +1,7 @@
 """`ms4local serve` with crash-length words (issue: one 30 KB word killed llama.cpp's tokenizer).
 
 Each request gets a result or a clean 400 "…tokens too many", and the server answers the next
-client. The server helpers are tests/serving.py's; the model is conftest's.
+client. The server helpers are tests/helpers/serving.py's; the model is conftest's.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import base64
 import random
 
 import pytest
-from serving import assert_error, running, user
+
+from helpers.serving import assert_error, running, user
 
 WORDS = {"a30k": "a" * 30_000, "ab15k": "ab" * 15_000, "e40k": "é" * 40_000, "a1M": "a" * 1_000_000,
          "base64_1M": base64.b64encode(random.Random(0).randbytes(750_000)).decode()}

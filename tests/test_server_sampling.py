@@ -17,12 +17,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import BIN
+from helpers import BIN
+from helpers.serving import running
 from ms4local import Engine, EngineOptions
 from ms4local.engine import Delta, Done, Sampling
 from ms4local.server import Scheduler
 from ms4local.server.scheduler import Failed, Job, Started
-from serving import running
 
 PROMPT = "[INST]Le chat répète le chat[/INST]"
 STEPS = 48  # this tiny model first repeats an id (greedy, no penalty) after 32

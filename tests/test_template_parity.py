@@ -16,7 +16,7 @@ import subprocess
 import unicodedata
 
 import pytest
-from conftest import BIN
+from helpers import BIN
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV15

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIN
+from helpers import BIN
 from ms4local import Engine, EngineOptions, Sampling
 from ms4local.engine import Delta, Done, find_mmproj
 from ms4local.errors import ImageError, ModelLoadError, OptionsError

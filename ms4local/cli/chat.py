@@ -27,7 +27,6 @@ from ..errors import Ms4localError
 from ..images import check_image
 from . import options
 from .errors import fail, handle_errors
-from .isolate import isolate_rpc
 
 PROMPT, CONTINUATION = ">>> ", "... "
 
@@ -42,20 +41,20 @@ def sampling_for(effort: str, temp: float | None, max_tokens: int, seed: int | N
 
 
 @handle_errors
-@isolate_rpc
+@options.isolate_rpc
 def chat(
     model: options.Model,
     prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Ask this, print the answer and exit.")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
     reasoning_effort: options.ReasoningEffort = "none",
     hide_thinking: HideThinking = False,
-    max_tokens: options.MaxTokens = 512,
+    max_tokens: options.MaxTokens = options.SAMPLING.max_tokens,
     temp: options.Temp = None,
     seed: options.Seed = None,
-    top_p: options.TopP = 0.95,
-    top_k: options.TopK = 40,
-    min_p: options.MinP = 0.05,
-    repeat_penalty: options.RepeatPenalty = 1.0,
+    top_p: options.TopP = options.SAMPLING.top_p,
+    top_k: options.TopK = options.SAMPLING.top_k,
+    min_p: options.MinP = options.SAMPLING.min_p,
+    repeat_penalty: options.RepeatPenalty = options.SAMPLING.repeat_penalty,
     as_json: options.Json = False,
     ctx_size: options.CtxSize = 4096,
     threads: options.Threads = None,
@@ -75,11 +74,11 @@ def chat(
     image: options.ImagePath = None,
     mmproj: options.Mmproj = None,
     no_mmproj: options.NoMmproj = False,
+    no_repair: options.NoRepair = False,
     image_max_tokens: options.ImageMaxTokens = 1024,
 ) -> None:
     """Chat with a GGUF model: interactive, or one-shot with --prompt; --image attaches pictures."""
-    if reasoning_effort not in ("none", "high"):
-        raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
+    options.check_reasoning_effort(reasoning_effort)
     if as_json and prompt is None:
         raise fail("--json needs --prompt (the interactive chat has no JSON output)", 2)
     options.check_text(**{"--prompt": prompt, "--system": system})
@@ -90,7 +89,7 @@ def chat(
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
         n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens, tensor_split=tensor_split, rpc=rpc)
+        image_max_tokens=image_max_tokens, no_repair=no_repair, tensor_split=tensor_split, rpc=rpc)
     images = list(image or [])
     if images and no_mmproj:
         raise fail("--image needs the vision projector; drop --no-mmproj", 2)

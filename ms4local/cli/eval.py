@@ -1,27 +1,21 @@
 """`ms4local eval`: perplexity over a text, and KL divergence against a reference GGUF.
 
 Declares options and hands off to `ms4local.evaluate.evaluate`; the progress bar and the result
-table are drawn here (and reused by `quantize --eval-against`).
+table are `ui.eval_progress` and `ui.eval_table` (which `quantize --eval-against` draws too).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from .. import ui
-from ..errors import EvalError
-from ..evaluate import DEFAULT_CTX, EvalResult, evaluate
+from ..evaluate import DEFAULT_CTX, evaluate, read_text
 from . import options
 from .errors import handle_errors
-from .isolate import isolate_rpc
 
 Reference = Annotated[Optional[str], typer.Option(
     "--reference", metavar="REF.gguf", show_default=False,
@@ -32,55 +26,8 @@ TextFile = Annotated[Optional[Path], typer.Option(
 Chunks = Annotated[int, typer.Option("--chunks", help="Score at most this many chunks of -c tokens (0: all).")]
 
 
-@contextmanager
-def eval_progress(description: str) -> Iterator[Callable[[int, int, float], None]]:
-    """A rich bar over chunks with the running perplexity; yields the callback `evaluate` calls."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
-               TimeRemainingColumn(), TextColumn("[dim]PPL {task.fields[ppl]}"))
-    with ui.lazy_progress(description, columns, transient=True, ppl="…") as update:
-        yield lambda done, total, ppl: update(done, total, ppl=f"{ppl:.4g}")
-
-
-def result_table(r: EvalResult, *, size: int | None = None) -> Table:
-    """The figures of one evaluation (with the file size when given, as after quantizing)."""
-    title = f"{r.model.name}" + (f" vs {r.reference.name}" if r.reference else "")
-    t = Table(title=title, header_style="bold", show_header=False)
-    t.add_column("", style="bold")
-    t.add_column("", justify="right")
-    if size is not None:
-        t.add_row("file size", ui.human_bytes(size))
-    t.add_row("perplexity", f"{r.ppl:.4f} ± {r.ppl_stderr:.4f}")
-    if r.kl is not None:
-        k = r.kl
-        t.add_row("reference perplexity", f"{k.reference_ppl:.4f}")
-        t.add_row("ln(PPL / PPL ref)", f"{k.ln_ppl_ratio:+.5f}")
-        t.add_row("KL divergence mean", f"{k.mean:.6f}")
-        t.add_row("KL divergence median", f"{k.median:.6f}")
-        t.add_row("KL divergence p99", f"{k.p99:.6f}")
-        t.add_row("KL divergence max", f"{k.max:.6f}")
-        t.add_row("same top token", f"{100 * k.top1_agreement:.2f}%")
-        t.add_row("mean |Δp| of the reference's top token", f"{100 * k.mean_abs_dp_top:.3f}%")
-    t.caption = (f"{r.chunks} chunks × {r.n_ctx} tokens, second half of each scored ({r.tokens} tokens) "
-                 f"of {r.text}; {r.seconds:.1f} s")
-    return t
-
-
-def run_eval(model: str | Path, *, reference: str | None, text: Path | None, ctx_size: int, chunks: int,
-             engine_opts: object | None = None) -> EvalResult:
-    """Read the text, evaluate with a progress bar; shared by `eval` and `quantize --eval-against`."""
-    content = name = None
-    if text is not None:
-        try:
-            content, name = text.read_text(encoding="utf-8"), str(text)
-        except (OSError, UnicodeDecodeError) as e:
-            raise EvalError(f"cannot read --text {text}: {getattr(e, 'strerror', None) or e}") from None
-    with eval_progress("eval" if reference is None else "eval vs reference") as progress:
-        return evaluate(model, reference=reference, text=content, text_name=name, n_ctx=ctx_size,
-                        chunks=chunks or None, options=engine_opts, progress=progress)  # type: ignore[arg-type]
-
-
 @handle_errors
-@isolate_rpc
+@options.isolate_rpc
 def eval_command(
     model: options.Model,
     reference: Reference = None,
@@ -92,14 +39,18 @@ def eval_command(
     tensor_split: options.TensorSplit = None,
     flash_attn: options.FlashAttn = "auto",
     rpc: options.Rpc = None,
+    no_repair: options.NoRepair = False,
     as_json: options.Json = False,
 ) -> None:
     """Perplexity of MODEL over a text (chunked like llama-perplexity); with --reference the KL divergence
     of its next-token distributions from the reference's, computed in one pass over both."""
     opts = options.engine_options(ctx_size=ctx_size, threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-                                  tensor_split=tensor_split, rpc=rpc)
-    result = run_eval(model, reference=reference, text=text, ctx_size=ctx_size, chunks=chunks, engine_opts=opts)
+                                  no_repair=no_repair, tensor_split=tensor_split, rpc=rpc)
+    content, name = read_text(text) if text is not None else (None, None)
+    with ui.eval_progress("eval" if reference is None else "eval vs reference") as progress:
+        result = evaluate(model, reference=reference, text=content, text_name=name, n_ctx=ctx_size,
+                          chunks=chunks or None, options=opts, progress=progress)
     if as_json:
         print(json.dumps(result.to_json(), indent=1))
         return
-    ui.out.print(result_table(result))
+    ui.out.print(ui.eval_table(result))

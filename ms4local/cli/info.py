@@ -187,7 +187,7 @@ def _render_fit(r: Info) -> None:
         return
     out = ui.out
     if f.vram > 0:
-        out.print(options.placement_table(f.plan, applied=True))
+        out.print(ui.placement_table(f.plan, applied=True))
     else:
         out.print("no GPU (--vram not given or 0): everything in RAM")
     t = Table(title=f"memory and bytes read per token at -c {f.n_ctx}", header_style="bold")

@@ -8,7 +8,8 @@ import warnings
 import typer
 
 from ..errors import Ms4localNotice
-from . import chat, demo, doctor, eval, info, quantize, rpc_server, serve, tokenize
+from . import chat, demo, doctor, eval, info, pull, quantize, rm, rpc_server, serve, tokenize
+from .list import list_models
 
 _show_warning = warnings.showwarning
 
@@ -38,6 +39,9 @@ app.command("demo")(demo.demo)
 app.command("doctor")(doctor.doctor)
 app.command("info")(info.info)
 app.command("eval")(eval.eval_command)
+app.command("pull")(pull.pull)
+app.command("list")(list_models)
+app.command("rm")(rm.rm)
 app.command("rpc-server")(rpc_server.rpc_server)
 
 if __name__ == "__main__":

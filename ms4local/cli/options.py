@@ -3,25 +3,150 @@
 The engine options (context, batches, KV cache, flash attention, GPU placement) come as a set:
 a command declares the aliases it wants and hands the values to `engine_options(...)`, which
 returns the one `EngineOptions` the engine takes. Before loading, `resolve_placement` prints
-what the user must know (a GPU flag that does nothing here, the --fit plan as a table).
+what the user must know (a GPU flag that does nothing here, the --fit plan as a table). The
+checks of flags that several commands share (`check_text`, `check_reasoning_effort`,
+`max_tokens`) raise OptionsError, which the error table turns into one line and exit code 2.
+
+The model argument (`Model`, and quantize's `Source`) takes a path or a Hugging Face name,
+`org/repo[:QUANT]`: its callback is the one place a name becomes a path (`fetch`: from the HF
+cache without the network, pulled with its plan and a byte bar when missing).
+
+`--rpc` (`Rpc`) is one of the engine flags; `isolate_rpc` runs a command given it in a child
+process (ms4local/child.py), where llama.cpp's abort on a lost rpc-server cannot reach the user.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import functools
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
+
+from rich.markup import escape
 from rich.table import Table
 
 from quantize.units import parse_size
 
-from .. import ui
-from ..engine import EngineOptions, Placement, place
+from .. import child, hub, ui
+from ..engine import EngineOptions, Placement, Sampling, place
 from ..errors import OptionsError
-from ..placement import Plan
-from ..rpc import parse_endpoints
+from ..prompt import REASONING_EFFORTS
+from ..rpc import parse_endpoints, preflight
+from .errors import handle_errors
 
-Model = Annotated[str, typer.Argument(help="A GGUF file (the first file of a split set).", show_default=False)]
+# The sampling flags' defaults are the engine's own, written once in `Sampling` (read, never changed).
+SAMPLING = Sampling()
+
+# The projector chosen with each model resolved from a Hub name (model path → projector path):
+# `resolve_placement` hands it to the engine when no --mmproj/--no-mmproj was given, since a repo
+# may keep the projector in another folder than the quant's.
+_HUB_PROJECTORS: dict[str, str] = {}
+
+
+def hub_projector(model: str) -> str | None:
+    """The projector of a model that MODEL resolved from a Hub name in this process, if any."""
+    return _HUB_PROJECTORS.get(str(model))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def isolate_rpc(func: F) -> F:
+    """With `--rpc`, run the command in a child process (ms4local/child.py): llama.cpp aborts the
+    process its RPC client runs in when a server is lost. The endpoints are probed here first, so
+    an unusable one is its one line before anything starts; a child that dies is an RpcError naming
+    the lost server. Sits under `handle_errors`, which turns both into one line and exit 1.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        rpc = kwargs.get("rpc")
+        if not rpc or child.in_child() or args:
+            return func(*args, **kwargs)
+        endpoints = parse_endpoints(rpc)
+        preflight(endpoints)
+        code = child.run(func, with_hub_projector(kwargs), endpoints)
+        if code:
+            raise typer.Exit(code)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def with_hub_projector(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A command's arguments for a child process: MODEL resolved from a Hub name gets its projector as
+    --mmproj, since MODEL's callback (which found it) does not run again in the child."""
+    model = kwargs.get("model")
+    if model and kwargs.get("mmproj") is None and not kwargs.get("no_mmproj") and hub_projector(model):
+        return {**kwargs, "mmproj": hub_projector(model)}
+    return kwargs
+
+
+def fetch(name: hub.HubName, *, mmproj: bool = True, kind: str | None = None, always: bool = False) -> hub.Resolved:
+    """`name` from the Hugging Face cache (no network), or pulled first with the plan and a byte bar
+    on stderr; `always` asks the Hub for the current files even when the cache has them (`pull`).
+    Ctrl-C says how to resume."""
+    run = hub.pull if always else hub.resolve
+    try:
+        with ui.byte_progress("download") as bar:
+            return run(name, mmproj=mmproj, kind=kind, on_plan=show_pull_plan,
+                       progress=lambda done, total, path: bar(done, total, path.rsplit("/", 1)[-1]))
+    except KeyboardInterrupt:
+        print(f"interrupted: run `ms4local pull {name}` to resume where it stopped", file=sys.stderr)
+        raise
+
+
+def show_pull_plan(plan: hub.PullPlan) -> None:
+    """The files a pull fetches, their sizes and what the cache already has, on stderr."""
+    ui.err.print(f"[bold]{escape(str(plan.name))}[/] from {escape(plan.selection.name.repo_id)} at commit "
+                 f"{plan.revision[:12]}", soft_wrap=True)
+    table = Table(header_style="bold")
+    table.add_column("file", overflow="fold")
+    table.add_column("size", justify="right")
+    table.add_column("cache")
+    for f in plan.files:
+        state = ("in the cache" if f.path in plan.cached else
+                 f"resume from {ui.human_bytes(plan.partial[f.path])}" if f.path in plan.partial else "")
+        table.add_row(escape(f.path), ui.human_bytes(f.size), state)
+    ui.err.print(table)
+    ui.err.print(f"{len(plan.files)} files, {ui.human_bytes(plan.total)}; "
+                 + (f"{ui.human_bytes(plan.to_fetch)} to download" if plan.to_fetch else "all in the cache"),
+                 soft_wrap=True)
+
+
+@handle_errors
+def _model_argument(ctx: typer.Context, value: str) -> str:
+    """MODEL: a path as given, or a Hub name resolved to the first file of its GGUF."""
+    name = None if ctx.resilient_parsing else hub.hub_name(value)
+    if name is None:
+        return value
+    resolved = fetch(name, kind="gguf")
+    if resolved.mmproj is not None:
+        _HUB_PROJECTORS[str(resolved.model)] = str(resolved.mmproj)
+    return str(resolved.model)
+
+
+@handle_errors
+def _source_argument(ctx: typer.Context, value: str) -> str:
+    """quantize's SRC: a path as given; a checkpoint repo made complete in the cache and passed on as
+    its id (the converter finds it there offline and names the output after it); a GGUF repo name
+    (to re-quantize) resolved to its first file."""
+    name = None if ctx.resilient_parsing else hub.hub_name(value)
+    if name is None:
+        return value
+    resolved = fetch(name, mmproj=False)
+    return name.repo_id if resolved.kind == "checkpoint" else str(resolved.model)
+
+
+Model = Annotated[str, typer.Argument(
+    help="A GGUF file (the first file of a split set), or org/repo[:QUANT] on the Hugging Face Hub "
+         "(from its cache; downloaded first when missing).", show_default=False, callback=_model_argument)]
+Source = Annotated[str, typer.Argument(
+    help="Checkpoint directory, a .gguf file to re-quantize, or org/repo on the Hugging Face Hub (a safetensors "
+         "checkpoint, or org/repo:QUANT of a GGUF repo; from its cache, downloaded first when missing).",
+    show_default=False, callback=_source_argument)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: random).")]
 Temp = Annotated[Optional[float], typer.Option("--temp", help="Temperature (default 0.7 with high effort, 0.1 with none).")]
 MaxTokens = Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate (-1: until the context is full).")]
@@ -74,6 +199,7 @@ Mmproj = Annotated[Optional[str], typer.Option(
     "--mmproj", metavar="PATH", show_default=False,
     help="Vision projector GGUF. Default: an mmproj-*.gguf beside the model made for it.")]
 NoMmproj = Annotated[bool, typer.Option("--no-mmproj", help="Load no vision projector (text only, less memory).")]
+NoRepair = Annotated[bool, typer.Option("--no-repair", help="Load a third-party GGUF as it is: no temperature keys set, no projector copy with its [IMG_BREAK] row (see README).")]
 ImageMaxTokens = Annotated[int, typer.Option(
     "--image-max-tokens", metavar="N",
     help="Most merged patches per image (llama.cpp's default 1024 ≈ 896×896 px). The model was trained up to "
@@ -100,6 +226,12 @@ def check_text(**flags: str | None) -> None:
             what = f"byte 0x{byte:02x}" if byte is not None else f"{value[e.start]!a}"
             raise OptionsError(f"{flag} is not valid UTF-8 text ({what} at character {e.start + 1}); "
                                "pass text in UTF-8") from None
+
+
+def check_reasoning_effort(effort: str) -> None:
+    """Raise OptionsError unless --reasoning-effort is one the model knows (none, high)."""
+    if effort not in REASONING_EFFORTS:
+        raise OptionsError(f"--reasoning-effort must be {' or '.join(REASONING_EFFORTS)}, got {effort!r}")
 
 
 UNTIL_FULL = 2**31 - 1  # -n -1: generation stops at the end of the context (which llama.cpp may pad above -c)
@@ -141,7 +273,7 @@ def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_si
                    cache_type_v: str = "f16", n_gpu_layers: str | int | None = None, cpu_moe: bool = False,
                    n_cpu_moe: int = 0, override_tensor: list[str] | None = None, fit: bool | None = None,
                    vram: str | int | None = None, mmproj: str | None = None, no_mmproj: bool = False,
-                   image_max_tokens: int = 1024, tensor_split: str | None = None,
+                   image_max_tokens: int = 1024, no_repair: bool = False, tensor_split: str | None = None,
                    rpc: list[str] | None = None) -> EngineOptions:
     """The command-line engine flags as one checked `EngineOptions` (raises OptionsError/SizeError).
 
@@ -155,7 +287,7 @@ def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_si
         n_gpu_layers=parse_gpu_layers(n_gpu_layers), cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
         override_tensor=list(override_tensor or []), fit=fit,
         vram=parse_size(vram) if isinstance(vram, str) else vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens, tensor_split=parse_tensor_split(tensor_split),
+        image_max_tokens=image_max_tokens, repair=not no_repair, tensor_split=parse_tensor_split(tensor_split),
         rpc=[str(ep) for ep in parse_endpoints(rpc or [])])
     opts.check()
     return opts
@@ -165,29 +297,15 @@ def resolve_placement(model: str, opts: EngineOptions) -> Placement:
     """Resolve --fit and the GPU flags against this build's devices, and tell the user.
 
     Notices go to stderr, one line each; a --fit plan is printed as a table. Pass the result to
-    `Engine(model, opts, placement=...)` so the model is loaded exactly as shown.
+    `Engine(model, opts, placement=...)` so the model is loaded exactly as shown. A model resolved
+    from a Hub name gets the repo's projector in `opts` unless --mmproj or --no-mmproj was given.
     """
+    if opts.mmproj is None and not opts.no_mmproj and hub_projector(model):
+        opts.mmproj = hub_projector(model)
     placement = place(model, opts)
     for notice in placement.notices:
         ui.err.print(f"note: {notice}", style="yellow", markup=False, highlight=False)
     if placement.plan is not None:
-        ui.err.print(placement_table(placement.plan, applied=placement.applied))
+        ui.err.print(ui.placement_table(placement.plan, applied=placement.applied))
     return placement
 
-
-def placement_table(plan: Plan, *, applied: bool = True) -> Table:
-    """What goes where, with bytes per device, and the llama.cpp flags that express it."""
-    how = f"-ngl {plan.n_gpu_layers} --n-cpu-moe {plan.n_cpu_moe}"
-    title = f"--fit placement for {plan.device} ({ui.human_bytes(plan.budget)} to spend): {how}"
-    if not applied:
-        title += " (not applied: no GPU)"
-    table = Table(title=title, header_style="bold")
-    table.add_column("what")
-    table.add_column("device")
-    table.add_column("tensors", justify="right")
-    table.add_column("bytes", justify="right")
-    for row in plan.rows:
-        table.add_row(row.what, row.device, str(row.tensors) if row.tensors else "", ui.human_bytes(row.nbytes))
-    table.caption = (f"GPU {ui.human_bytes(plan.gpu_bytes)} of {ui.human_bytes(plan.budget)} · "
-                     f"RAM {ui.human_bytes(plan.cpu_bytes)}")
-    return table

@@ -16,17 +16,17 @@ from quantize.policy import FILE_TYPES
 from quantize.units import parse_size
 
 from .. import ui
+from ..evaluate import evaluate
 from ..gguf_model import read_model
+from . import options
 from .errors import fail, handle_errors
-from .eval import result_table, run_eval
 
 TYPES = list(FILE_TYPES)
 
 
 @handle_errors
 def quantize(
-    src: Annotated[str, typer.Argument(help="Checkpoint directory, a Hugging Face repo id in the local HF cache, "
-                                            "or a .gguf file to re-quantize.", show_default=False)],
+    src: options.Source,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: models/<Name>-<TYPE>.gguf).")] = None,
     out_type: Annotated[str, typer.Option("--type", help=f"Output type: {', '.join(TYPES)}.")] = "Q8_0",
     policy: Annotated[str, typer.Option("--policy", help="Tensor mix: ms4local (MoE-aware, default) or llama "
@@ -94,12 +94,9 @@ def quantize(
                  f"policy {result.policy}) in {elapsed:.1f} s, peak memory {ui.human_bytes(peak)}; "
                  f"chat template: {result.chat_template_source}")
     if result.report is not None:
-        table = ui.Table(title="quantization error (relative RMS, sampled rows)", header_style="bold")
-        table.add_column("class")
-        table.add_column("rel. RMS error", justify="right")
-        for cls, err in sorted(result.report.by_class().items(), key=lambda kv: -kv[1]):
-            table.add_row(cls, f"{err:.2e}")
-        ui.err.print(table)
+        ui.err.print(ui.quant_error_table(result.report.by_class()))
     if eval_against is not None and result.files:
-        evaluation = run_eval(result.files[0], reference=eval_against, text=None, ctx_size=eval_ctx, chunks=eval_chunks)
-        ui.out.print(result_table(evaluation, size=result.total_bytes))
+        with ui.eval_progress("eval vs reference") as progress:
+            evaluation = evaluate(result.files[0], reference=eval_against, n_ctx=eval_ctx, chunks=eval_chunks or None,
+                                  progress=progress)
+        ui.out.print(ui.eval_table(evaluation, size=result.total_bytes))

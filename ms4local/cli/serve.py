@@ -18,11 +18,11 @@ import typer
 from quantize.units import parse_size
 
 from .. import ui
-from ..engine import Engine
+from ..engine import Engine, Sampling
+from ..child import Child, in_child
 from ..rpc import Endpoint, parse_endpoints, preflight
 from . import options
 from .errors import fail, handle_errors
-from .isolate import Child, in_child
 
 FRONT_ENV = "MS4LOCAL_SERVE_FRONT"  # for the engine process behind the front: the URL clients use
 
@@ -53,10 +53,10 @@ def serve(
     max_tokens: Annotated[int, typer.Option(
         "-n", "--max-tokens", help="Most tokens per answer when a request sets no max_tokens.")] = 2048,
     temp: options.Temp = None,
-    top_p: options.TopP = 0.95,
-    top_k: options.TopK = 40,
-    min_p: options.MinP = 0.05,
-    repeat_penalty: options.RepeatPenalty = 1.0,
+    top_p: options.TopP = options.SAMPLING.top_p,
+    top_k: options.TopK = options.SAMPLING.top_k,
+    min_p: options.MinP = options.SAMPLING.min_p,
+    repeat_penalty: options.RepeatPenalty = options.SAMPLING.repeat_penalty,
     ctx_size: options.CtxSize = 4096,
     threads: options.Threads = None,
     batch_size: options.BatchSize = 512,
@@ -74,6 +74,7 @@ def serve(
     rpc: options.Rpc = None,
     mmproj: options.Mmproj = None,
     no_mmproj: options.NoMmproj = False,
+    no_repair: options.NoRepair = False,
     image_max_tokens: options.ImageMaxTokens = 1024,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
@@ -83,21 +84,21 @@ def serve(
         from ..server import serve as run
     except ImportError as e:
         raise fail(f"the server needs its extra dependencies ({e.name or e}): pip install 'ms4local[server]'") from None
-    if reasoning_effort not in ("none", "high"):
-        raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
+    options.check_reasoning_effort(reasoning_effort)
     if max_queue < 0 or max_tokens < 1 or not 0 < port < 65536:
         raise fail("--max-queue must be 0 or more, -n at least 1 and --port within 1-65535", 2)
     opts = options.engine_options(
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
         n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens, tensor_split=tensor_split, rpc=rpc)
+        image_max_tokens=image_max_tokens, no_repair=no_repair, tensor_split=tensor_split, rpc=rpc)
     opts = replace(opts, parallel=parallel)
     opts.check()
+    sampling = Sampling(top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens)
     config = ServerConfig(
         model_id=alias or Path(model).name.removesuffix(".gguf"), api_key=api_key,
-        reasoning_effort=reasoning_effort, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repeat_penalty=repeat_penalty, max_tokens=max_tokens,
+        reasoning_effort=reasoning_effort, temperature_by_effort=temp is None,
+        sampling=sampling if temp is None else replace(sampling, temperature=temp),
         images=ImagePolicy(allow_urls=allow_image_urls, allow_local_files=allow_local_files),
         max_body_bytes=parse_size(max_body_size))
     config.check()  # an empty --api-key, or defaults that every request would be refused for
@@ -129,8 +130,8 @@ def serve_behind_front(arguments: dict[str, object], endpoints: list[Endpoint], 
     def start(child_port: int) -> Popen[bytes]:
         for old in children:
             old.close()
-        children[:] = [Child(serve, {**arguments, "host": "127.0.0.1", "port": child_port}, env={FRONT_ENV: public},
-                             own_group=True)]
+        kwargs = options.with_hub_projector({**arguments, "host": "127.0.0.1", "port": child_port})
+        children[:] = [Child(serve, kwargs, env={FRONT_ENV: public}, own_group=True)]
         return children[0].proc
 
     def say(text: str) -> None:

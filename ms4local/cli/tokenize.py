@@ -53,8 +53,7 @@ def tokenize(
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise fail(f"cannot read {file}: {getattr(e, 'strerror', None) or e}", 1) from None
-    if reasoning_effort not in ("none", "high"):
-        raise fail(f"--reasoning-effort must be none or high, got {reasoning_effort!r}", 2)
+    options.check_reasoning_effort(reasoning_effort)
     if messages is None and (tools is not None or reasoning_effort != "none"):
         raise fail("--tools and --reasoning-effort apply to a conversation; add --messages FILE", 2)
     options.check_text(TEXT=text)

@@ -18,7 +18,8 @@ from ..errors import ModelLoadError, OptionsError
 from ..gguf_model import ModelInfo, read_model
 from ..placement import DEFAULT_HEADROOM, EXPERTS_REGEX, Plan, expert_overrides, plan
 from .library import ggml_fn, llama
-from .options import EngineOptions, free_ram, parse_override
+from ..system import free_ram
+from .options import EngineOptions, parse_override
 from .rpc import device_handles, register_servers, registered_handles
 
 GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "ACCEL"}

@@ -158,21 +158,6 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def free_ram() -> int | None:
-    """Bytes of RAM available to a new allocation (Linux MemAvailable; elsewhere sysconf), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 MAX_DEVICES = 16  # llama_max_devices(): the length of llama.cpp's tensor_split array
 MAX_CTX = 2**32 - 256  # llama.cpp's uint32 n_ctx, rounded up to its 256-cell padding
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
@@ -227,7 +212,7 @@ class Sampling:
     max_tokens: int = 512
     seed: int | None = None  # None: random
     # GBNF the output must match (llama.cpp's grammar syntax; `<[ID]>` is one token by id, as the
-    # server uses for [TOOL_CALLS]/[ARGS]); None: unconstrained. See `json_grammar`.
+    # server uses for [TOOL_CALLS]/[ARGS]); None: unconstrained. See `grammar.json_grammar`.
     grammar: str | None = None
     # OpenAI's logit_bias: (token id, bias added to its logit) pairs; -100 bans a token in practice.
     logit_bias: tuple[tuple[int, float], ...] = ()

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import ModelLoadError
 from ..gguf_model import ModelInfo
+from ..system import cache_root
 
 LLAMA4_BETA = 0.1  # Mistral Small 4's llama_4_scaling_beta (config.json), spec §3.3
 TEMPERATURE_ARCHS = ("mistral4",)  # architectures whose published checkpoints use the Llama-4 scaling
@@ -67,12 +68,9 @@ def has_img_break(path: Path) -> bool:
     return any(t.name == IMG_BREAK_TENSOR for t in read_model(path).tensors)
 
 
-def cache_dir(env: dict[str, str] | os._Environ[str] = os.environ) -> Path:
-    """Where repaired copies go: $MS4LOCAL_CACHE, else $XDG_CACHE_HOME/ms4local/repaired, else ~/.cache/…"""
-    if env.get("MS4LOCAL_CACHE"):
-        return Path(env["MS4LOCAL_CACHE"]) / "repaired"
-    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return base / "ms4local" / "repaired"
+def cache_dir() -> Path:
+    """Where repaired copies go: `repaired/` in ms4local's own cache (system.cache_root)."""
+    return cache_root() / "repaired"
 
 
 def repaired_mmproj(mmproj: Path, model: ModelInfo, img_break_id: int) -> Path:

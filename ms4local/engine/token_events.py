@@ -8,8 +8,7 @@ from __future__ import annotations
 import codecs
 from typing import Any
 
-from ..stream import ContentDelta, End, ReasoningDelta, StreamParser, ToolCall
-from ..stream import Event as StreamEvent
+from ..stream import ContentDelta, End, ParsedEvent, ReasoningDelta, StreamParser, ToolCall
 from .events import Delta, Event
 
 
@@ -48,7 +47,7 @@ class TokenEvents:
     def finish_reason(self, finish: str) -> str:
         return "tool_calls" if self.calls and finish == "stop" else finish
 
-    def _events(self, batch: list[StreamEvent]) -> list[Event]:
+    def _events(self, batch: list[ParsedEvent]) -> list[Event]:
         out: list[Event] = []
         for ev in batch:
             if isinstance(ev, ContentDelta):

@@ -15,7 +15,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from .app import ServerConfig, create_app
+from .app import create_app
+from .config import ServerConfig
 from .images import ImagePolicy
 from .scheduler import Scheduler
 

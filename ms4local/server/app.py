@@ -1,22 +1,19 @@
 """The FastAPI app: OpenAI's chat completions, completions and models routes over the scheduler,
-plus /health and /metrics. Requests are turned into prompts and `Sampling` here; the engine's
-events (`Delta`, `ToolCallDelta`, `ToolCall`, `Done` …) are serialised as OpenAI's objects and
-SSE chunks here; nothing else in ms4local knows about HTTP.
-
-Effort mapping (OpenAI → Mistral Small 4, which knows only "none" and "high"): "none" and
-"minimal" → none; "low", "medium" and "high" → high. Any other value is a 400.
+plus /health and /metrics. A route takes the pieces `translate` makes of a request (prompt,
+`Sampling`, stops), runs them as a scheduler job, and serialises the engine's events (`Delta`,
+`ToolCallDelta`, `ToolCall`, `Done` …) as OpenAI's objects and SSE chunks; nothing else in
+ms4local knows about HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import secrets
 import string
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,53 +23,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat_session import default_sampling
-from ..engine import Delta, Done, Engine, Sampling, json_grammar
-from ..errors import Ms4localError, OptionsError
+from ..engine import Delta, Done, Engine
+from ..errors import Ms4localError
 from ..stream import MalformedToolCall, Tag, ToolCall, ToolCallDelta
 from . import errors as E
+from .config import ServerConfig
 from .errors import APIError, bad_request
-from .images import ImagePolicy, resolve
+from .gate import Gate
+from .metrics import prometheus
 from .scheduler import Failed, Job, Scheduler, Started
-from .schemas import ChatRequest, CompletionRequest, ContentPart, Message
-
-EFFORTS = {"none": "none", "minimal": "none", "low": "high", "medium": "high", "high": "high"}
-MAX_STOP = 16
-MAX_LOGIT_BIAS = 4096
-MAX_STOP_CHARS = 256  # the stop filter holds back up to this much text and scans it at every token
-TOOL_NAME_CHARS = set(string.ascii_letters + string.digits + "_-.")
-
-
-@dataclass
-class ServerConfig:
-    """What `ms4local serve` decided: the model's public id, the key, defaults and limits."""
-
-    model_id: str
-    api_key: str | None = None  # None: no auth; an empty key is refused by `check`
-    reasoning_effort: str = "none"
-    temperature: float | None = None  # None: 0.7 with high effort, 0.1 with none (Mistral's guidance)
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    max_tokens: int = 2048
-    images: ImagePolicy = field(default_factory=ImagePolicy)
-    max_body_bytes: int = 32 * 2**20
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    def check(self) -> None:
-        """Refuse defaults that would fail every request, and a key no client could send."""
-        if self.api_key is not None and (not self.api_key.strip() or not self.api_key.isascii()
-                                         or not self.api_key.isprintable() or self.api_key != self.api_key.strip()):
-            raise OptionsError("--api-key must be a non-empty key of printable ASCII characters without surrounding "
-                               "spaces (leave the option out to serve without a key)")
-        for flag, param, value in (("--temp", "temperature", self.temperature), ("--top-p", "top_p", self.top_p),
-                                   ("--top-k", "top_k", self.top_k), ("--min-p", "min_p", self.min_p),
-                                   ("--repeat-penalty", "repeat_penalty", self.repeat_penalty),
-                                   ("-n/--max-tokens", "max_tokens", self.max_tokens)):
-            problem = None if value is None else out_of_range(param, value)
-            if problem:
-                raise OptionsError(f"{flag}: {problem}")
+from .schemas import ChatRequest, CompletionRequest
+from .translate import effort_of, grammar_of, messages_of, sampling_of, stops_of
 
 
 def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
@@ -120,108 +81,7 @@ def create_app(config: ServerConfig, scheduler: Scheduler) -> FastAPI:
     return app
 
 
-# ----------------------------------------------------------------------------- gate (auth, size, counts)
-class Gate:
-    """Pure ASGI middleware: request counts for /metrics, the API key (constant-time compare),
-    the body size limit (413 before the JSON is parsed; a chunked body is read up to the limit),
-    and POST bodies read as JSON whatever their Content-Type says (`text/plain`, none), as OpenAI
-    and llama-server read them: FastAPI would otherwise hand the route raw bytes and answer with a
-    puzzling "Input should be a valid dictionary". A body that is not JSON still gets a 400."""
-
-    OPEN = ("/health",)
-
-    def __init__(self, app: Any, config: ServerConfig, scheduler: Scheduler) -> None:
-        self.app = app
-        self.config = config
-        self.scheduler = scheduler
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        seen: dict[str, int] = {}
-        if scope.get("method") == "POST":
-            headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-
-        async def counted(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                seen["status"] = message["status"]
-            await send(message)
-
-        try:
-            error = self._check_key(scope, path)
-            if error is None:
-                error, receive = await self._limit_body(scope, receive)
-            if error is not None:
-                await error.response()(scope, receive, counted)
-            else:
-                await self.app(scope, receive, counted)
-        finally:
-            endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                                        "/metrics") else "other"
-            self.scheduler.metrics.count_request(endpoint, seen.get("status", 499))
-
-    def _check_key(self, scope: dict[str, Any], path: str) -> APIError | None:
-        key = self.config.api_key
-        if not key or path in self.OPEN:
-            return None
-        given = None
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                if scheme.lower() == "bearer":
-                    given = token.strip()
-        if given is None:
-            return APIError(401, "missing API key: send it as the header 'Authorization: Bearer KEY'",
-                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), key.encode("utf-8")):
-            return APIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        return None
-
-    async def _limit_body(self, scope: dict[str, Any], receive: Callable) -> tuple[APIError | None, Callable]:
-        limit = self.config.max_body_bytes
-        too_big = APIError(413, f"the request body is larger than {limit} bytes (start the server with a larger "
-                                "--max-body-size)", code="request_too_large")
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    return bad_request("the Content-Length header is not a number"), receive
-                if length > limit:
-                    return too_big, receive
-                return None, receive
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return None, receive
-        chunks: list[bytes] = []
-        size = 0
-        while True:  # no Content-Length (chunked): read it all here, up to the limit
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None, receive
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return too_big, receive
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return None, replay
-
-
-# ----------------------------------------------------------------------------- models, metrics
+# ----------------------------------------------------------------------------- models
 def check_model(config: ServerConfig, name: str | None) -> None:
     """Clients name the model; a name that is not ours is a 404, as with OpenAI."""
     if name is None or name == "" or name == config.model_id or name == config.model_id + ".gguf":
@@ -253,254 +113,7 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def prometheus(s: Scheduler) -> str:
-    m = s.metrics
-    lines = ["# HELP ms4local_requests_total HTTP requests by endpoint and status.",
-             "# TYPE ms4local_requests_total counter"]
-    for (endpoint, status), n in sorted(m.requests.items()):
-        lines.append(f'ms4local_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
-    for name, kind, help_, value in (
-            ("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", m.prompt_tokens),
-            ("prompt_tokens_cached_total", "counter", "Prompt tokens reused from a slot's KV cache.", m.cached_tokens),
-            ("generated_tokens_total", "counter", "Tokens generated.", m.generated_tokens),
-            ("decode_steps_total", "counter", "llama_decode steps (each carries every busy slot).", m.decode_steps),
-            ("requests_rejected_queue_full_total", "counter", "Requests refused with 429.", m.rejected_queue_full),
-            ("requests_cancelled_total", "counter", "Generations stopped by a client going away.", m.cancelled),
-            ("engine_restarts_total", "counter", "Times the slots were rebuilt after an unexpected error.", s.restarts),
-            ("queue_depth", "gauge", "Requests waiting for a slot.", s.queue_depth),
-            ("slots_busy", "gauge", "Slots generating now.", s.busy_slots),
-            ("slots_total", "gauge", "Slots (--parallel).", s.n_slots),
-            ("tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.", round(m.tokens_per_second(), 3)),
-            ("ready", "gauge", "1 when the model is loaded and requests are accepted.",
-             int(s.state == "ready" and not s.draining))):
-        lines += [f"# HELP ms4local_{name} {help_}", f"# TYPE ms4local_{name} {kind}", f"ms4local_{name} {value}"]
-    return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- request → job
-def effort_of(value: str | None, default: str) -> str:
-    if value is None:
-        return default
-    effort = EFFORTS.get(value.strip().lower())
-    if effort is None:
-        raise bad_request(f"reasoning_effort must be one of {', '.join(EFFORTS)}, got {value!r} (this model thinks "
-                          "at \"none\" or \"high\"; minimal maps to none, low and medium to high)",
-                          "reasoning_effort", "invalid_value")
-    return effort
-
-
-def sampling_of(config: ServerConfig, body: ChatRequest | CompletionRequest, effort: str, max_tokens: int | None,
-                grammar: str | None) -> Sampling:
-    """The request's sampling, checked (400s), on top of the server's defaults."""
-    if body.n not in (None, 1):
-        raise bad_request("only n=1 is supported", "n", "unsupported_value")
-    if body.logprobs not in (None, False, 0):
-        raise bad_request("logprobs are not supported by this server", "logprobs", "unsupported_value")
-    temp = body.temperature if body.temperature is not None else (
-        config.temperature if config.temperature is not None else default_sampling(effort).temperature)
-    top_p = config.top_p if body.top_p is None else body.top_p
-    top_k = config.top_k if body.top_k is None else body.top_k
-    min_p = config.min_p if body.min_p is None else body.min_p
-    penalty = config.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty
-    n = config.max_tokens if max_tokens is None else max_tokens
-    for param, value in (("temperature", temp), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
-                         ("repeat_penalty", penalty), ("max_tokens", n)):
-        problem = out_of_range(param, value)
-        if problem:
-            raise bad_request(problem, param, "invalid_value")
-    seed = None if body.seed is None else body.seed & 0xFFFFFFFF  # -1 → 0xFFFFFFFF: llama.cpp's "random"
-    return Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=penalty,
-                    max_tokens=n, seed=seed, grammar=grammar, logit_bias=logit_bias_of(body.logit_bias))
-
-
-# Where each sampling value is accepted: one table for requests and for `serve`'s defaults. NaN fails
-# every comparison, so it is refused too; top_k beyond the vocabulary means "all" (the engine skips it).
-RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "temperature": (lambda v: 0 <= v <= 2, "between 0 and 2"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "top_k": (lambda v: v >= 0, "0 or more"),
-    "min_p": (lambda v: 0 <= v <= 1, "between 0 and 1"),
-    "repeat_penalty": (lambda v: 0 < v <= 10, "in (0, 10]"),
-    "max_tokens": (lambda v: v >= 1, "at least 1"),
-}
-
-
-def out_of_range(param: str, value: float) -> str | None:
-    """"param must be …" when `value` lies outside what RANGES accepts, else None."""
-    ok, what = RANGES[param]
-    return None if ok(value) else f"{param} must be {what}, got {value}"
-
-
-def logit_bias_of(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    """OpenAI's `{"token id": bias}` with biases in [-100, 100]; ids beyond the vocabulary are
-    refused by the engine when the sampler is built (a 400 as well)."""
-    if bias and len(bias) > MAX_LOGIT_BIAS:
-        raise bad_request(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}", "logit_bias",
-                          "invalid_value")
-    out = []
-    for key, value in (bias or {}).items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias", "invalid_value") from None
-        if token < 0 or not -100 <= value <= 100:
-            raise bad_request(f"logit_bias must map token ids to biases in [-100, 100], got {key}: {value}",
-                              "logit_bias", "invalid_value")
-        out.append((token, float(value)))
-    return tuple(out)
-
-
-def stops_of(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > MAX_STOP:
-        raise bad_request(f"at most {MAX_STOP} stop strings are accepted, got {len(stops)}", "stop", "invalid_value")
-    long = next((s for s in stops if len(s) > MAX_STOP_CHARS), None)
-    if long is not None:
-        raise bad_request(f"stop strings may hold at most {MAX_STOP_CHARS} characters, got one of {len(long)}",
-                          "stop", "invalid_value")
-    return tuple(s for s in stops if s)
-
-
-def _text_of(content: str | list[ContentPart] | None, where: str) -> str | None:
-    if content is None or isinstance(content, str):
-        return content
-    out = []
-    for j, part in enumerate(content):
-        if part.type != "text" or part.text is None:
-            raise bad_request(f"{where}.content[{j}]: only text parts are accepted in this message",
-                              f"{where}.content", "invalid_content")
-        out.append(part.text)
-    return "".join(out)
-
-
-def messages_of(messages: list[Message], policy: ImagePolicy) -> tuple[list[dict[str, Any]], int]:
-    """OpenAI messages → the dicts the chat template reads; (messages, number of images).
-
-    Blocking where an image is fetched or read (only with --allow-image-urls/--allow-local-files).
-    """
-    if not messages:
-        raise bad_request("messages must hold at least one message", "messages", "invalid_value")
-    out: list[dict[str, Any]] = []
-    images = 0
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        role = "system" if m.role == "developer" else m.role
-        msg: dict[str, Any] = {"role": role}
-        if role == "user":
-            if m.content is None:
-                raise bad_request(f"{where}.content is required for a user message", f"{where}.content")
-            if isinstance(m.content, str):
-                msg["content"] = m.content
-            else:
-                parts: list[dict[str, Any]] = []
-                for j, part in enumerate(m.content):
-                    p = f"{where}.content[{j}]"
-                    if part.type == "text":
-                        if part.text is None:
-                            raise bad_request(f"{p}: a text part needs \"text\"", p)
-                        parts.append({"type": "text", "text": part.text})
-                    elif part.type == "image_url":
-                        url = part.image_url.url if part.image_url is not None and not isinstance(part.image_url, str) \
-                            else part.image_url
-                        if not url:
-                            raise bad_request(f"{p}: an image_url part needs \"image_url\": {{\"url\": ...}}", p)
-                        parts.append({"type": "image", "image": resolve(url, policy, p)})
-                        images += 1
-                    else:
-                        raise bad_request(f"{p}: content parts of type {part.type!r} are not supported "
-                                          "(text and image_url are)", p, "invalid_content")
-                msg["content"] = parts
-        else:
-            text = _text_of(m.content, where)
-            if role in ("system", "tool") and text is None:
-                raise bad_request(f"{where}.content is required for a {m.role} message", f"{where}.content")
-            msg["content"] = text if text is not None else ""
-            if role == "assistant":
-                if m.tool_calls:
-                    msg["tool_calls"] = [{"id": c.id or f"call{k}", "type": "function",
-                                          "function": {"name": c.function.name, "arguments": c.function.arguments}}
-                                         for k, c in enumerate(m.tool_calls)]
-                if m.reasoning_content:
-                    msg["reasoning_content"] = m.reasoning_content
-            if role == "tool":
-                if m.tool_call_id is not None:
-                    msg["tool_call_id"] = m.tool_call_id
-                if m.name is not None:
-                    msg["name"] = m.name
-        out.append(msg)
-    return out, images
-
-
-def grammar_of(engine: Engine, body: ChatRequest, effort: str) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """The tools the template shows and the grammar that holds the output to the request.
-
-    * `response_format` json_object / json_schema: the answer is JSON (valid against the schema).
-    * `tool_choice` "required" or a named function: the answer is one or more tool calls,
-      `[TOOL_CALLS]name[ARGS]{arguments valid against the tool's parameters}`, written with the
-      vocabulary's control tokens (`<[id]>` in GBNF), as the model writes them unconstrained.
-    * Both JSON and tools with "auto": JSON or tool calls. "none": the tools are shown (the prompt
-      is the one "auto" gives, so its cache is shared) and the caller bans [TOOL_CALLS].
-    * At high effort the grammar starts with the [THINK]…[/THINK] block the model writes then.
-    No grammar otherwise: the model is free, and the parser reads what it writes.
-    """
-    tools = body.tools or None
-    choice = body.tool_choice
-    if choice is not None and not tools and choice != "none":
-        raise bad_request("tool_choice needs tools", "tool_choice", "invalid_value")
-    fmt = body.response_format
-    want_json = fmt is not None and fmt.type != "text"
-    forced = choice == "required" or (tools is not None and not isinstance(choice, (str, type(None))))
-    callable_tools = tools if choice != "none" else None
-    if tools:
-        for k, t in enumerate(tools):
-            name = t.function.name
-            if not name or len(name) > 64 or not set(name) <= TOOL_NAME_CHARS:
-                raise bad_request(f"tools[{k}].function.name must be 1-64 letters, digits, '_', '-' or '.', "
-                                  f"got {name!r}", f"tools[{k}].function.name", "invalid_value")
-    shown = [t.model_dump(exclude_none=True, by_alias=True) for t in tools] if tools else None
-    if not want_json and not forced:
-        return shown, None
-    ids = {tag: tok for tok, tag in engine.tags.ids.items()}
-    schemas: dict[str, Any] = {}
-    rules: list[str] = []
-    body_alts: list[str] = []
-    if want_json:
-        schema: Any = {"type": "object"}
-        if fmt is not None and fmt.type == "json_schema":
-            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-                raise bad_request("response_format json_schema needs json_schema.schema", "response_format")
-            schema = fmt.json_schema.schema_
-        schemas["ms4-json"] = schema
-        if not forced:
-            body_alts.append("ms4-json")
-    if callable_tools is not None and (forced or want_json):
-        if Tag.TOOL_CALLS not in ids or Tag.ARGS not in ids:
-            raise bad_request("this model's vocabulary has no [TOOL_CALLS]/[ARGS] tokens, so tool calls cannot be "
-                              "enforced", "tool_choice")
-        named = choice.function.name if forced and choice != "required" else None  # type: ignore[union-attr]
-        picked = [t for t in tools if named is None or t.function.name == named]
-        if not picked:
-            raise bad_request(f"tool_choice names {named!r}, which is not among the tools", "tool_choice")
-        alts = []
-        for k, t in enumerate(picked):
-            schemas[f"ms4-args-{k}"] = t.function.parameters or {"type": "object"}
-            alts.append(f"{json.dumps(t.function.name)} <[{ids[Tag.ARGS]}]> ms4-args-{k}")
-        rules.append(f"ms4-call ::= <[{ids[Tag.TOOL_CALLS]}]> ({' | '.join(alts)})")
-        body_alts.append("ms4-call+" if named is None else "ms4-call")
-    think = ""
-    if effort == "high" and Tag.THINK in ids and Tag.THINK_END in ids:
-        rules.append(f"ms4-think ::= <[{ids[Tag.THINK]}]> (!<[{ids[Tag.THINK_END]}]>)* <[{ids[Tag.THINK_END]}]>")
-        think = "ms4-think "
-    try:
-        shared = json_grammar(schemas)
-    except Exception as e:  # PromptError from the converter
-        raise bad_request(str(e), "response_format" if want_json else "tools", "invalid_schema") from None
-    root = f"root ::= {think}({' | '.join(body_alts)})"
-    return shown, "\n".join([root, *rules, shared])
-
-
+# ----------------------------------------------------------------------------- jobs and their events
 def _completion_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 

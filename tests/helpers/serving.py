@@ -1,6 +1,5 @@
 """The `ms4local serve` harness the server tests share: a real `ms4local serve` subprocess on a
-free loopback port, plain-HTTP helpers and OpenAI's error shape. A helper module rather than a
-test module, so that test files import it and not each other."""
+free loopback port, plain-HTTP helpers and OpenAI's error shape."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 
 import openai
 
-from conftest import BIN
+from . import BIN
 
 KEY = "sk-test-0123456789"
 STARTUP_S = 60

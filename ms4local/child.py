@@ -1,21 +1,19 @@
-"""Run a command whose engine uses rpc-servers in a child process, so that a lost server ends it
-with one line instead of llama.cpp's abort.
+"""A command run again in a child process, so that llama.cpp's abort on a lost rpc-server ends
+the child and not the process the user talks to.
 
 llama.cpp's RPC client aborts its process when a server goes away while in use
 (`RPC_STATUS_ASSERT`: "Remote RPC server crashed or returned malformed response") and prints a C
-backtrace. A command given `--rpc` therefore probes the endpoints (ms4local/rpc.py: a bad one is
-one line, exit 1, before anything starts) and then runs itself again in a child: the same
-function with the same arguments, handed over a pipe. The child shares the terminal (stdin,
-stdout, and Python's stderr through a duplicate of fd 2) but its C-level stderr goes to a file,
-with GGML_NO_BACKTRACE set. When the child dies of a signal, the parent reads llama.cpp's last
-words from that file, probes the endpoints again to name the one that is gone, and prints one line.
+backtrace. A command that loads a model through rpc-servers therefore runs again in a child: the
+same function with the same arguments, handed over a pipe. The child shares the terminal (stdin,
+stdout, and Python's stderr through a duplicate of fd 2) while its C-level stderr goes to a file,
+with GGML_NO_BACKTRACE set. When the child dies of a signal, `death_message` reads llama.cpp's
+last words from that file and probes the endpoints again to name the one that is gone.
 
-    python -m ms4local.cli.isolate CALL_FD STDERR_FD     the child's entry point (internal)
+    python -m ms4local.child CALL_FD STDERR_FD     the child's entry point (started by `Child`)
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import pickle
@@ -24,51 +22,27 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-import typer
+from .errors import RpcError
+from .rpc import Endpoint, probe
 
-from ..errors import RpcError
-from ..rpc import Endpoint, parse_endpoints, preflight, probe
-from .errors import fail
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-CHILD_ENV = "MS4LOCAL_RPC_CHILD"  # set in the child: run the command itself, do not isolate again
+CHILD_ENV = "MS4LOCAL_RPC_CHILD"  # set in the child: run the command itself, do not start another child
 RERUN = "Start the rpc-server again and rerun"
 
 
 def in_child() -> bool:
+    """True inside a child started by `Child` (the command runs here, not once more)."""
     return bool(os.environ.get(CHILD_ENV))
-
-
-def isolate_rpc(func: F) -> F:
-    """Run the command in a child process when it was given `--rpc` (see the module's docstring).
-
-    Sits under `handle_errors`, so that an endpoint refused by the probe is its one line.
-    """
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        rpc = kwargs.get("rpc")
-        if not rpc or in_child() or args:
-            return func(*args, **kwargs)
-        endpoints = parse_endpoints(rpc)
-        preflight(endpoints)
-        code = run_child(func, kwargs, endpoints)
-        if code:
-            raise typer.Exit(code)
-        return None
-
-    return wrapper  # type: ignore[return-value]
 
 
 class Child:
     """`func(**kwargs)` run again in a child process, its C-level stderr kept in a file.
 
-    `own_group` starts it in a session of its own, so that the terminal's Ctrl-C reaches only the
-    parent, which decides what to pass on (`serve`); an interactive `chat` stays in the terminal's
-    foreground group, where it reads the keyboard.
+    `func` is found again in the child by module and name. `own_group` starts the child in a
+    session of its own, so that the terminal's Ctrl-C reaches only the parent, which decides what
+    to pass on (`serve`); an interactive `chat` stays in the terminal's foreground group, where it
+    reads the keyboard.
     """
 
     def __init__(self, func: Callable[..., Any], kwargs: dict[str, Any], *, env: dict[str, str] | None = None,
@@ -79,7 +53,7 @@ class Child:
         self.c_stderr = tempfile.TemporaryFile(prefix="ms4local-engine-stderr-")
         full_env = dict(os.environ, **(env or {}), **{CHILD_ENV: "1", "GGML_NO_BACKTRACE": "1"})
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ms4local.cli.isolate", str(read_fd), str(term_fd)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "ms4local.child", str(read_fd), str(term_fd)],
                                          stderr=self.c_stderr, pass_fds=(read_fd, term_fd), env=full_env,
                                          start_new_session=own_group)
         finally:
@@ -87,6 +61,25 @@ class Child:
             os.close(term_fd)
         with os.fdopen(write_fd, "wb") as pipe:
             pipe.write(call)
+
+    def wait(self) -> int:
+        """Wait for the child, passing SIGTERM on, and SIGINT when the terminal did not send it to both."""
+        tty = sys.stdin is not None and sys.stdin.isatty()
+
+        def forward(signum: int, _frame: Any) -> None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signum)
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Ctrl-C at a terminal reaches the whole foreground group, the child included: it stops the
+        # answer there, and the parent must not send a second one (two stop the chat).
+        signal.signal(signal.SIGINT, signal.SIG_IGN if tty else forward)
+        signal.signal(signal.SIGTERM, forward)
+        try:
+            return self.proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def words(self) -> str:
         """llama.cpp's last words on the child's C stderr ("" when it wrote none)."""
@@ -101,37 +94,16 @@ class Child:
         self.c_stderr.close()
 
 
-def run_child(func: Callable[..., Any], kwargs: dict[str, Any], endpoints: list[Endpoint]) -> int:
-    """Run `func(**kwargs)` in a child process; its exit code, or 1 after one line when it died."""
+def run(func: Callable[..., Any], kwargs: dict[str, Any], endpoints: list[Endpoint]) -> int:
+    """`func(**kwargs)` in a child; its exit code, or RpcError with one line when it died of a signal."""
     child = Child(func, kwargs)
     try:
-        code = _wait(child.proc)
-        if code >= 0:
-            return code
-        print(f"error: {child.death(code, endpoints)}", file=sys.stderr, flush=True)
-        return 1
+        code = child.wait()
+        if code < 0:
+            raise RpcError(child.death(code, endpoints))
+        return code
     finally:
         child.close()
-
-
-def _wait(child: subprocess.Popen[bytes]) -> int:
-    """Wait for the child, passing SIGTERM on and SIGINT when the terminal did not send it to both."""
-    tty = sys.stdin is not None and sys.stdin.isatty()
-
-    def forward(signum: int, _frame: Any) -> None:
-        if child.poll() is None:
-            child.send_signal(signum)
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    # Ctrl-C at a terminal reaches the whole foreground group, the child included: it stops the
-    # answer there, and the parent must not send a second one (two stop the chat).
-    signal.signal(signal.SIGINT, signal.SIG_IGN if tty else forward)
-    signal.signal(signal.SIGTERM, forward)
-    try:
-        return child.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def last_words(text: str) -> str:
@@ -174,7 +146,7 @@ def _die_with_parent() -> None:
             pass
 
 
-def child_main(call_fd: int, term_fd: int) -> int:
+def _child_main(call_fd: int, term_fd: int) -> int:
     """The child: Python's stderr on the terminal again, then the command with the parent's arguments."""
     sys.stderr = open(term_fd, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace")
     _die_with_parent()
@@ -183,15 +155,18 @@ def child_main(call_fd: int, term_fd: int) -> int:
     func = getattr(importlib.import_module(module), name)
     try:
         func(**kwargs)
-    except typer.Exit as e:
-        return int(e.exit_code or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a command's typer.Exit (click's Exit) carries the exit code
+        code = getattr(e, "exit_code", None)
+        if code is None:
+            raise
+        return int(code)
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or not in_child():
-        raise SystemExit(fail("ms4local.cli.isolate is started by ms4local itself", 2).exit_code)
-    sys.exit(child_main(int(sys.argv[1]), int(sys.argv[2])))
+        sys.exit("ms4local.child is started by ms4local itself")
+    sys.exit(_child_main(int(sys.argv[1]), int(sys.argv[2])))
