@@ -45,7 +45,7 @@ def collect(rpc: list[str] | None = None) -> dict[str, Any]:
     """Everything `doctor` reports, as plain data (with `rpc`, those servers and a run through them).
 
     With `rpc` it loads a model through llama.cpp's RPC client, which aborts the process if a
-    server is lost meanwhile: the CLI runs it in a child process (cli/isolate.py)."""
+    server is lost meanwhile: the CLI runs it in a child process (ms4local/child.py)."""
     servers = preflight(parse_endpoints(rpc)) if rpc else []
     library = engine_rpc.library_file()
     rpc_report = {"available": engine_rpc.available(), "library": str(library) if library else None,

@@ -6,7 +6,7 @@ Both directions use llama.cpp's own code, found as its tools find it: the "RPC" 
 `common/arg.cpp`'s --rpc) and `ggml_backend_rpc_start_server` (as `tools/rpc/rpc-server.cpp`).
 The client aborts the process on any fault, so `register_servers` probes every endpoint in Python
 first (ms4local/rpc.py); a server lost later still aborts it, which is why the CLI runs an engine
-that uses RPC servers in a child process (ms4local/cli/isolate.py).
+that uses RPC servers in a child process (ms4local/child.py).
 """
 
 from __future__ import annotations
