@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -150,6 +151,26 @@ def test_malformed_rpc_flag_is_a_usage_error(model, cli_env):
     assert r.returncode == 2 and r.stderr.strip() == "error: --rpc wants HOST:PORT (e.g. 192.168.1.20:50052), got 'localhost'"
 
 
+@pytest.mark.parametrize("target, cmake", [("install", "-DGGML_RPC=on"), ("install-cuda", "-DGGML_CUDA=on -DGGML_RPC=on"),
+                                           ("install-metal", "-DGGML_METAL=on -DGGML_RPC=on")])
+def test_make_builds_rpc_and_rebuilds_a_cached_wheel_without_it(tmp_path, target, cmake):
+    """Every install target builds with GGML_RPC and then looks for libggml-rpc; when a cached wheel
+    without it came back, it rebuilds from source without pip's cache, with the same flags."""
+    venv = tmp_path / "venv"  # `make -n` on a venv that does not exist: the whole recipe is printed
+    r = subprocess.run(["make", "-n", "-B", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f'CMAKE_ARGS="{cmake}' in r.stdout
+    assert "from ms4local.engine.rpc import library_file; sys.exit(library_file() is None)" in r.stdout
+    pin = re.search(r'"(llama-cpp-python==[^"]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    rebuild = f'CMAKE_ARGS="{cmake}" {venv}/bin/python -m pip install --force-reinstall --no-cache-dir --no-binary ' \
+              f"llama-cpp-python --no-deps '{pin}'"
+    assert rebuild in r.stdout
+
+
+def test_library_file_is_found_without_loading_llama_cpp():
+    assert RPC_LIB is None or (RPC_LIB.parent.name == "lib" and RPC_LIB.name.startswith("libggml-rpc"))
+
+
 def test_last_words_strip_the_source_location():
     assert last_words("noise\n/x/ggml-rpc.cpp:579: Remote RPC server crashed or returned malformed response\n") == \
         "Remote RPC server crashed or returned malformed response"
@@ -270,19 +291,23 @@ LOGITS = textwrap.dedent("""
 
     before, _ = run()
     remote, log = run(rpc=endpoints, n_gpu_layers=-1)
+    first_only, log_split = run(rpc=endpoints, n_gpu_layers=-1, tensor_split=[1, 0])
     after, log_after = run()
-    rel = float(np.max(np.abs(remote - before) / (np.abs(before) + 1e-6)))
-    scale = float(np.max(np.abs(remote - before)) / np.max(np.abs(before)))
-    print(json.dumps({"rel": rel, "scale": scale, "positions": len(before), "same_after": bool((before == after).all()),
-                      "log": log, "log_after": log_after}))
+
+    def scale(x):  # the largest difference, relative to the largest logit
+        return float(np.max(np.abs(x - before)) / np.max(np.abs(before)))
+
+    print(json.dumps({"scale": scale(remote), "scale_split": scale(first_only), "positions": len(before),
+                      "same_after": bool((before == after).all()), "log": log, "log_split": log_split,
+                      "log_after": log_after}))
 """)
 
 
 @needs_rpc
 def test_logits_through_two_rpc_servers_equal_a_local_run(model, servers, tmp_path):
     """Every layer on the two servers (-ngl all): the logits at every position equal the local run's;
-    llama.cpp's load log shows the weights in both servers' buffers; a later engine without --rpc in
-    the same process stays local."""
+    llama.cpp's load log shows the weights in both servers' buffers (in the first one's only with
+    -ts 1,0); a later engine without --rpc in the same process stays local."""
     script = tmp_path / "logits.py"
     script.write_text(LOGITS)
     r = subprocess.run([str(BIN / "python"), str(script), str(model)] + [s.endpoint for s in servers],
@@ -290,13 +315,19 @@ def test_logits_through_two_rpc_servers_equal_a_local_run(model, servers, tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["positions"] > 5
-    assert out["scale"] <= 1e-3, out["scale"]  # relative to the largest logit, at every position
+    assert out["scale"] <= 1e-3 and out["scale_split"] <= 1e-3, out  # at every position
     assert out["same_after"]
-    buffers = {line.split("model buffer size")[0].split(":", 1)[1].strip(): float(line.split("=")[1].split()[0])
-               for line in out["log"].splitlines() if "model buffer size" in line}
+
+    def buffers(log):
+        return {line.split("model buffer size")[0].split(":", 1)[1].strip(): float(line.split("=")[1].split()[0])
+                for line in log.splitlines() if "model buffer size" in line}
+
     # Each server holds its share of the blocks; only the input embeddings stay in this process.
-    assert all(buffers.get(f"RPC0[{s.endpoint}]", 0) > 0.1 for s in servers), buffers
-    assert set(buffers) == {"CPU_Mapped"} | {f"RPC0[{s.endpoint}]" for s in servers}, buffers
+    both = buffers(out["log"])
+    assert all(both.get(f"RPC0[{s.endpoint}]", 0) > 0.1 for s in servers), both
+    assert set(both) == {"CPU_Mapped"} | {f"RPC0[{s.endpoint}]" for s in servers}, both
+    # -ts 1,0: every block on the first server, none on the second.
+    assert set(buffers(out["log_split"])) == {"CPU_Mapped", f"RPC0[{servers[0].endpoint}]"}, out["log_split"]
     assert not any("RPC" in line for line in out["log_after"].splitlines() if "buffer size" in line)
 
 
