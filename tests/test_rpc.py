@@ -444,3 +444,28 @@ def test_serve_survives_a_lost_rpc_server_and_loads_again(model, servers, tmp_pa
         srv.kill()
     out = srv.proc.stdout.read()
     assert "ggml-rpc.cpp" not in out and "Traceback" not in out, out
+
+
+@needs_rpc
+def test_interactive_chat_through_rpc_stops_an_answer_on_ctrl_c(model, servers, cli_env, tmp_path):
+    """In a terminal, Ctrl-C reaches the parent and the child (one process group): the parent lets
+    the child take it, so one press stops the answer and the chat goes on, as without --rpc."""
+    import pexpect
+
+    env = dict(cli_env, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    chat = pexpect.spawn(MS4LOCAL, ["chat", str(model), "--rpc", ",".join(s.endpoint for s in servers), "-t", "1",
+                                    "-n", "-1", "--temp", "0"], env=env, encoding="utf-8", timeout=60,
+                         dimensions=(40, 200), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        chat.expect(">>> ")
+        chat.sendline("Bonjour")
+        chat.expect(r"\S")  # the answer has begun
+        time.sleep(0.5)
+        chat.sendintr()
+        chat.expect(r"stopped · \d+ generated")
+        chat.expect(">>> ")
+        chat.sendline("/exit")
+        chat.expect(pexpect.EOF)
+    finally:
+        chat.close(force=True)
+    assert chat.exitstatus == 0, chat.before
