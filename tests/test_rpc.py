@@ -469,3 +469,14 @@ def test_interactive_chat_through_rpc_stops_an_answer_on_ctrl_c(model, servers, 
     finally:
         chat.close(force=True)
     assert chat.exitstatus == 0, chat.before
+
+
+@needs_rpc
+def test_eval_through_rpc_scores_as_a_local_eval(model, servers, cli_env):
+    args = [str(model), "-c", "64", "--chunks", "2", "--json"]
+    local = subprocess.run([MS4LOCAL, "eval", *args], env=cli_env, capture_output=True, text=True, timeout=300)
+    remote = subprocess.run([MS4LOCAL, "eval", *args, "--rpc", ",".join(s.endpoint for s in servers)], env=cli_env,
+                            capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    a, b = json.loads(local.stdout)["perplexity"], json.loads(remote.stdout)["perplexity"]
+    assert abs(a - b) <= 1e-4 * a, (a, b)
