@@ -7,15 +7,32 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.ms4local-installed
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+LLAMA_CPP_PYTHON := llama-cpp-python==$(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
+
+# Every build has llama.cpp's RPC backend (libggml-rpc: `ms4local rpc-server`, `--rpc`).
+RPC_CMAKE := -DGGML_RPC=on
+
+# pip's wheel cache is keyed by version, not by CMAKE_ARGS, so an install may be handed a cached
+# wheel built without RPC. After each install: if libggml-rpc is missing from llama_cpp/lib,
+# rebuild llama-cpp-python from source without the cache, with CMAKE_ARGS $(1), and check again.
+define ensure_rpc
+	@$(PY) -c "import sys; from ms4local.engine.rpc import library_file; sys.exit(library_file() is None)" || { \
+	  echo "llama-cpp-python came without libggml-rpc (a cached wheel built without -DGGML_RPC=on): rebuilding it"; \
+	  CMAKE_ARGS="$(1)" $(PY) -m pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python \
+	    --no-deps '$(LLAMA_CPP_PYTHON)' && \
+	  $(PY) -c "import sys; from ms4local.engine.rpc import library_file; f = library_file(); \
+	    print('libggml-rpc:', f or 'still missing: is CMAKE_ARGS overridden in the environment?'); sys.exit(f is None)"; }
+endef
 
 .PHONY: install demo test clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	CMAKE_ARGS="$(RPC_CMAKE)" $(PY) -m pip install -e '.[test]'
+	$(call ensure_rpc,$(RPC_CMAKE))
 	touch $(STAMP)
 
 demo: install
@@ -27,20 +44,23 @@ test: install
 clean:
 	rm -rf models/demo .pytest_cache
 
-# GPU builds: recompile the pinned llama-cpp-python with CUDA or Metal into $(VENV) (10–40 min).
+# GPU builds: recompile the pinned llama-cpp-python with CUDA or Metal (and RPC) into $(VENV) (10–40 min).
 # CUDA_ARCH=89 (or "86;89") builds for GPUs this machine does not have; check with `ms4local doctor`.
-LLAMA_CPP_PYTHON := llama-cpp-python==$(shell sed -n 's/.*"llama-cpp-python==\([^"]*\)".*/\1/p' pyproject.toml)
 CUDA_ARCH ?=
+CUDA_CMAKE = -DGGML_CUDA=on $(RPC_CMAKE)$(if $(CUDA_ARCH), -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH))
+METAL_CMAKE = -DGGML_METAL=on $(RPC_CMAKE)
 
 .PHONY: install-cuda install-metal
 
 install-cuda: install
-	CMAKE_ARGS="-DGGML_CUDA=on$(if $(CUDA_ARCH), -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH))" \
-		$(PY) -m pip install --force-reinstall --no-cache-dir --no-deps '$(LLAMA_CPP_PYTHON)'
+	CMAKE_ARGS="$(CUDA_CMAKE)" \
+		$(PY) -m pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python --no-deps '$(LLAMA_CPP_PYTHON)'
+	$(call ensure_rpc,$(CUDA_CMAKE))
 
 install-metal: install
-	CMAKE_ARGS="-DGGML_METAL=on" \
-		$(PY) -m pip install --force-reinstall --no-cache-dir --no-deps '$(LLAMA_CPP_PYTHON)'
+	CMAKE_ARGS="$(METAL_CMAKE)" \
+		$(PY) -m pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python --no-deps '$(LLAMA_CPP_PYTHON)'
+	$(call ensure_rpc,$(METAL_CMAKE))
 
 # One-pass quantization vs BF16 GGUF + llama_model_quantize on a Mistral-Small-4-shaped checkpoint
 # (~6 GB source, ~10 GB BF16 file in a temp dir; ~15 min on 2 cores). Writes bench/results/quantize.md.

@@ -68,3 +68,14 @@ class DiskSpaceError(HubError):
 class Ms4localNotice(UserWarning):
     """A remark the user should see once, not an error (e.g. a vocabulary tokenized by llama.cpp's
     tokenizer); the CLI prints it as one `note:` line on stderr."""
+
+
+class RpcError(Ms4localError):
+    """An RPC server that cannot be used: a malformed endpoint, one that cannot be reached or speaks
+    another protocol version, one lost while in use, or a build without the RPC backend. `endpoint`
+    names the server when there is one."""
+
+    def __init__(self, message: str, *, endpoint: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.reason = reason or message  # the fault alone, without the endpoint and the advice

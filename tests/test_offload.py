@@ -268,9 +268,10 @@ def test_make_gpu_targets_rebuild_the_pinned_llama_cpp_python():
     pin = re.search(r'"(llama-cpp-python==[^"]+)"', (ROOT / "pyproject.toml").read_text())[1]
     cuda = subprocess.run(["make", "-n", "install-cuda", "CUDA_ARCH=86;89"], cwd=ROOT, capture_output=True, text=True)
     assert cuda.returncode == 0, cuda.stderr
-    assert 'CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86;89"' in cuda.stdout
-    assert f"pip install --force-reinstall --no-cache-dir --no-deps '{pin}'" in cuda.stdout
+    # Every build keeps llama.cpp's RPC backend (tests/test_rpc.py checks the RPC side of the Makefile).
+    assert 'CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=on -DCMAKE_CUDA_ARCHITECTURES=86;89"' in cuda.stdout
+    assert f"pip install --force-reinstall --no-cache-dir --no-binary llama-cpp-python --no-deps '{pin}'" in cuda.stdout
     plain = subprocess.run(["make", "-n", "install-cuda"], cwd=ROOT, capture_output=True, text=True)
-    assert 'CMAKE_ARGS="-DGGML_CUDA=on"' in plain.stdout and "ARCHITECTURES" not in plain.stdout
+    assert 'CMAKE_ARGS="-DGGML_CUDA=on -DGGML_RPC=on"' in plain.stdout and "ARCHITECTURES" not in plain.stdout
     metal = subprocess.run(["make", "-n", "install-metal"], cwd=ROOT, capture_output=True, text=True)
-    assert 'CMAKE_ARGS="-DGGML_METAL=on"' in metal.stdout and pin in metal.stdout
+    assert 'CMAKE_ARGS="-DGGML_METAL=on -DGGML_RPC=on"' in metal.stdout and pin in metal.stdout

@@ -41,6 +41,7 @@ def sampling_for(effort: str, temp: float | None, max_tokens: int, seed: int | N
 
 
 @handle_errors
+@options.isolate_rpc
 def chat(
     model: options.Model,
     prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Ask this, print the answer and exit.")] = None,
@@ -66,8 +67,10 @@ def chat(
     cpu_moe: options.CpuMoe = False,
     n_cpu_moe: options.NCpuMoe = 0,
     override_tensor: options.OverrideTensor = None,
+    tensor_split: options.TensorSplit = None,
     fit: options.Fit = None,
     vram: options.Vram = None,
+    rpc: options.Rpc = None,
     image: options.ImagePath = None,
     mmproj: options.Mmproj = None,
     no_mmproj: options.NoMmproj = False,
@@ -86,7 +89,7 @@ def chat(
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
         n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens, no_repair=no_repair)
+        image_max_tokens=image_max_tokens, no_repair=no_repair, tensor_split=tensor_split, rpc=rpc)
     images = list(image or [])
     if images and no_mmproj:
         raise fail("--image needs the vision projector; drop --no-mmproj", 2)

@@ -16,9 +16,10 @@ from .errors import handle_errors
 
 
 @handle_errors
-def doctor(as_json: options.Json = False) -> None:
-    """Show llama.cpp's backends and devices, memory, and whether it runs Mistral 4."""
-    report = collect()
+@options.isolate_rpc
+def doctor(as_json: options.Json = False, rpc: options.Rpc = None) -> None:
+    """Show llama.cpp's backends and devices, memory, whether it runs Mistral 4 (through --rpc servers too)."""
+    report = collect(rpc)
     if as_json:
         print(json.dumps(report, ensure_ascii=False))
     else:
@@ -41,6 +42,12 @@ def _print(r: dict[str, Any]) -> None:
     facts.add_row("RAM", f"{h(r['ram']['total'])} total, {h(r['ram']['available'])} available")
     facts.add_row("GPU offload", "yes" if r["gpu_offload"] else
                   "no: this build is CPU-only (`make install-cuda` or `make install-metal` rebuilds it)")
+    rpc = r["rpc"]
+    facts.add_row("RPC", f"yes ({rpc['library']})" if rpc["available"] else
+                  "no: built without -DGGML_RPC=on, so no rpc-server or --rpc (`make install` rebuilds it)")
+    for s in rpc["servers"]:
+        mem = ", ".join(f"#{d['index']} {h(d['free'])} free of {h(d['total'])}" for d in s["devices"])
+        facts.add_row("", f"rpc-server {s['endpoint']}: protocol {s['protocol']}, {mem}")
     m4 = r["mistral4"]
     facts.add_row("mistral4", ("[green]yes[/]: " if m4["ok"] else "[red]no[/]: ") + m4["detail"].replace("[", r"\["))
     ui.out.print(facts)

@@ -27,6 +27,7 @@ Chunks = Annotated[int, typer.Option("--chunks", help="Score at most this many c
 
 
 @handle_errors
+@options.isolate_rpc
 def eval_command(
     model: options.Model,
     reference: Reference = None,
@@ -35,14 +36,16 @@ def eval_command(
     chunks: Chunks = 0,
     threads: options.Threads = None,
     n_gpu_layers: options.NGpuLayers = None,
+    tensor_split: options.TensorSplit = None,
     flash_attn: options.FlashAttn = "auto",
+    rpc: options.Rpc = None,
     no_repair: options.NoRepair = False,
     as_json: options.Json = False,
 ) -> None:
     """Perplexity of MODEL over a text (chunked like llama-perplexity); with --reference the KL divergence
     of its next-token distributions from the reference's, computed in one pass over both."""
     opts = options.engine_options(ctx_size=ctx_size, threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-                                  no_repair=no_repair)
+                                  no_repair=no_repair, tensor_split=tensor_split, rpc=rpc)
     content, name = read_text(text) if text is not None else (None, None)
     with ui.eval_progress("eval" if reference is None else "eval vs reference") as progress:
         result = evaluate(model, reference=reference, text=content, text_name=name, n_ctx=ctx_size,

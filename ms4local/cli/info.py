@@ -17,6 +17,7 @@ from quantize.units import parse_size
 from .. import ui
 from ..errors import OptionsError
 from ..info import Info, inspect
+from ..rpc import RemoteServer, parse_endpoints, preflight
 from . import options
 from .errors import handle_errors
 
@@ -60,11 +61,13 @@ def info(
     batch_size: options.BatchSize = 512,
     ubatch_size: options.UbatchSize = 512,
     bandwidth: Bandwidth = None,
+    rpc: options.Rpc = None,
 ) -> None:
     """Describe a GGUF from its header (no weights are read): architecture, tensor types by class,
     template features, split files, paired mmproj; with --vram/--ram the --fit placement, memory per
-    device and an upper bound on decode speed."""
+    device and an upper bound on decode speed; with --rpc the rpc-servers' devices and memory."""
     gpu_bw, cpu_bw = parse_bandwidths(bandwidth)
+    servers = preflight(parse_endpoints(rpc)) if rpc else []  # an unusable server fails here, in seconds
     # The same checks and n_ubatch as the engine, so the plan equals the one `chat --vram` makes.
     opts = options.engine_options(ctx_size=ctx_size, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                                   flash_attn=flash_attn, batch_size=batch_size, ubatch_size=ubatch_size)
@@ -75,9 +78,34 @@ def info(
                      type_k=opts.type_k, type_v=opts.type_v, n_ubatch=min(opts.ubatch_size, opts.batch_size),
                      flash_attn=opts.flash_attn, gpu_bandwidth=gpu_bw, cpu_bandwidth=cpu_bw)
     if as_json:
-        print(json.dumps(result.to_json(), indent=1, ensure_ascii=False))
+        out = result.to_json()
+        if rpc:
+            out["rpc_servers"] = [s.to_json() for s in servers]
+        print(json.dumps(out, indent=1, ensure_ascii=False))
         return
     render(result)
+    if servers:
+        ui.out.print(servers_table(servers, result.tensor_bytes))
+
+
+def servers_table(servers: list[RemoteServer], model_bytes: int) -> Table:
+    """The rpc-servers' devices as llama.cpp will number them (RPC0, RPC1 … in --rpc order), with
+    the share of the layers each takes by default (in proportion to free memory, llama.cpp's -ts)."""
+    t = Table(title="rpc-servers (devices in llama.cpp's order; layers go first to these, then to local GPUs)",
+              header_style="bold")
+    for col in ("device", "server", "free", "total", "default share"):
+        t.add_column(col, justify="left" if col in ("device", "server") else "right")
+    total_free = sum(s.free for s in servers) or 1
+    n = 0
+    for s in servers:
+        for d in s.devices:
+            share = d.free / total_free
+            t.add_row(f"RPC{n}", f"{s.endpoint} #{d.index}", ui.human_bytes(d.free), ui.human_bytes(d.total),
+                      f"{100 * share:.0f}% ≈ {ui.human_bytes(int(share * model_bytes))}")
+            n += 1
+    t.caption = (f"-ngl all puts every repeating layer on these (weights {ui.human_bytes(model_bytes)} in all); "
+                 "-ts N0,N1,… sets the shares, -ot REGEX=RPCn places tensors by name")
+    return t
 
 
 def _v(x: object) -> str:

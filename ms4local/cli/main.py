@@ -8,7 +8,7 @@ import warnings
 import typer
 
 from ..errors import Ms4localNotice
-from . import chat, demo, doctor, eval, info, pull, quantize, rm, serve, tokenize
+from . import chat, demo, doctor, eval, info, pull, quantize, rm, rpc_server, serve, tokenize
 from .list import list_models
 
 _show_warning = warnings.showwarning
@@ -42,6 +42,7 @@ app.command("eval")(eval.eval_command)
 app.command("pull")(pull.pull)
 app.command("list")(list_models)
 app.command("rm")(rm.rm)
+app.command("rpc-server")(rpc_server.rpc_server)
 
 if __name__ == "__main__":
     app()

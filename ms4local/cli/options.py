@@ -10,12 +10,17 @@ checks of flags that several commands share (`check_text`, `check_reasoning_effo
 The model argument (`Model`, and quantize's `Source`) takes a path or a Hugging Face name,
 `org/repo[:QUANT]`: its callback is the one place a name becomes a path (`fetch`: from the HF
 cache without the network, pulled with its plan and a byte bar when missing).
+
+`--rpc` (`Rpc`) is one of the engine flags; `isolate_rpc` runs a command given it in a child
+process (ms4local/child.py), where llama.cpp's abort on a lost rpc-server cannot reach the user.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -24,10 +29,11 @@ from rich.table import Table
 
 from quantize.units import parse_size
 
-from .. import hub, ui
+from .. import child, hub, ui
 from ..engine import EngineOptions, Placement, Sampling, place
 from ..errors import OptionsError
 from ..prompt import REASONING_EFFORTS
+from ..rpc import parse_endpoints, preflight
 from .errors import handle_errors
 
 # The sampling flags' defaults are the engine's own, written once in `Sampling` (read, never changed).
@@ -37,6 +43,45 @@ SAMPLING = Sampling()
 # `resolve_placement` hands it to the engine when no --mmproj/--no-mmproj was given, since a repo
 # may keep the projector in another folder than the quant's.
 _HUB_PROJECTORS: dict[str, str] = {}
+
+
+def hub_projector(model: str) -> str | None:
+    """The projector of a model that MODEL resolved from a Hub name in this process, if any."""
+    return _HUB_PROJECTORS.get(str(model))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def isolate_rpc(func: F) -> F:
+    """With `--rpc`, run the command in a child process (ms4local/child.py): llama.cpp aborts the
+    process its RPC client runs in when a server is lost. The endpoints are probed here first, so
+    an unusable one is its one line before anything starts; a child that dies is an RpcError naming
+    the lost server. Sits under `handle_errors`, which turns both into one line and exit 1.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        rpc = kwargs.get("rpc")
+        if not rpc or child.in_child() or args:
+            return func(*args, **kwargs)
+        endpoints = parse_endpoints(rpc)
+        preflight(endpoints)
+        code = child.run(func, with_hub_projector(kwargs), endpoints)
+        if code:
+            raise typer.Exit(code)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def with_hub_projector(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A command's arguments for a child process: MODEL resolved from a Hub name gets its projector as
+    --mmproj, since MODEL's callback (which found it) does not run again in the child."""
+    model = kwargs.get("model")
+    if model and kwargs.get("mmproj") is None and not kwargs.get("no_mmproj") and hub_projector(model):
+        return {**kwargs, "mmproj": hub_projector(model)}
+    return kwargs
 
 
 def fetch(name: hub.HubName, *, mmproj: bool = True, kind: str | None = None, always: bool = False) -> hub.Resolved:
@@ -140,6 +185,15 @@ Vram = Annotated[Optional[str], typer.Option(
     "--vram", metavar="SIZE", show_default=False, help="Plan --fit for this much GPU memory (24G, 24GiB, 512M) "
                                                        "instead of what the GPU reports free.")]
 
+TensorSplit = Annotated[Optional[str], typer.Option(
+    "-ts", "--tensor-split", metavar="N0,N1,…", show_default=False,
+    help="Share of the offloaded layers per device, in llama.cpp's order: the --rpc servers' devices first, then "
+         "the local GPUs (e.g. 3,1). Default: in proportion to free memory.")]
+Rpc = Annotated[Optional[list[str]], typer.Option(
+    "--rpc", metavar="HOST:PORT[,…]", show_default=False,
+    help="llama.cpp rpc-servers (`ms4local rpc-server` on the other hosts) whose devices take layers like GPUs; "
+         "repeatable or comma-separated. Unencrypted, unauthenticated: a private network or an SSH tunnel only.")]
+
 # ----------------------------------------------------------------------------- images
 Mmproj = Annotated[Optional[str], typer.Option(
     "--mmproj", metavar="PATH", show_default=False,
@@ -204,12 +258,23 @@ def parse_gpu_layers(value: str | int | None) -> int | None:
     raise OptionsError(f"-ngl/--n-gpu-layers must be a number of layers or 'all', got {value!r}")
 
 
+def parse_tensor_split(value: str | None) -> list[float]:
+    """-ts as llama.cpp reads it: shares separated by commas or slashes ("3,1", "3/1")."""
+    if not value:
+        return []
+    try:
+        return [float(x) for x in value.replace("/", ",").split(",")]
+    except ValueError:
+        raise OptionsError(f"-ts/--tensor-split wants numbers separated by commas (e.g. 3,1), got {value!r}") from None
+
+
 def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_size: int = 512,
                    ubatch_size: int = 512, flash_attn: str = "auto", cache_type_k: str = "f16",
                    cache_type_v: str = "f16", n_gpu_layers: str | int | None = None, cpu_moe: bool = False,
                    n_cpu_moe: int = 0, override_tensor: list[str] | None = None, fit: bool | None = None,
                    vram: str | int | None = None, mmproj: str | None = None, no_mmproj: bool = False,
-                   image_max_tokens: int = 1024, no_repair: bool = False) -> EngineOptions:
+                   image_max_tokens: int = 1024, no_repair: bool = False, tensor_split: str | None = None,
+                   rpc: list[str] | None = None) -> EngineOptions:
     """The command-line engine flags as one checked `EngineOptions` (raises OptionsError/SizeError).
 
     Everything that can be judged without the model is judged here, so a typo fails before the
@@ -222,7 +287,8 @@ def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_si
         n_gpu_layers=parse_gpu_layers(n_gpu_layers), cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
         override_tensor=list(override_tensor or []), fit=fit,
         vram=parse_size(vram) if isinstance(vram, str) else vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens, repair=not no_repair)
+        image_max_tokens=image_max_tokens, repair=not no_repair, tensor_split=parse_tensor_split(tensor_split),
+        rpc=[str(ep) for ep in parse_endpoints(rpc or [])])
     opts.check()
     return opts
 
@@ -234,8 +300,8 @@ def resolve_placement(model: str, opts: EngineOptions) -> Placement:
     `Engine(model, opts, placement=...)` so the model is loaded exactly as shown. A model resolved
     from a Hub name gets the repo's projector in `opts` unless --mmproj or --no-mmproj was given.
     """
-    if opts.mmproj is None and not opts.no_mmproj and str(model) in _HUB_PROJECTORS:
-        opts.mmproj = _HUB_PROJECTORS[str(model)]
+    if opts.mmproj is None and not opts.no_mmproj and hub_projector(model):
+        opts.mmproj = hub_projector(model)
     placement = place(model, opts)
     for notice in placement.notices:
         ui.err.print(f"note: {notice}", style="yellow", markup=False, highlight=False)

@@ -1,8 +1,15 @@
-"""`ms4local serve`: an OpenAI-compatible server (declares the options, hands off to ms4local.server)."""
+"""`ms4local serve`: an OpenAI-compatible server (declares the options, hands off to ms4local.server).
+
+With `--rpc` the model is served by a child process behind ms4local.server.front, which keeps the
+address answering (503 and the reason) while an rpc-server is lost, and loads the model again
+once it is back: llama.cpp aborts the process its RPC client runs in.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from subprocess import Popen
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,8 +19,12 @@ from quantize.units import parse_size
 
 from .. import ui
 from ..engine import Engine, Sampling
+from ..child import Child, in_child
+from ..rpc import Endpoint, parse_endpoints, preflight
 from . import options
 from .errors import fail, handle_errors
+
+FRONT_ENV = "MS4LOCAL_SERVE_FRONT"  # for the engine process behind the front: the URL clients use
 
 
 @handle_errors
@@ -57,14 +68,17 @@ def serve(
     cpu_moe: options.CpuMoe = False,
     n_cpu_moe: options.NCpuMoe = 0,
     override_tensor: options.OverrideTensor = None,
+    tensor_split: options.TensorSplit = None,
     fit: options.Fit = None,
     vram: options.Vram = None,
+    rpc: options.Rpc = None,
     mmproj: options.Mmproj = None,
     no_mmproj: options.NoMmproj = False,
     no_repair: options.NoRepair = False,
     image_max_tokens: options.ImageMaxTokens = 1024,
 ) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    arguments = dict(locals())  # every flag, for the engine process behind the front (--rpc)
     try:
         from ..server import ImagePolicy, ServerConfig, is_loopback
         from ..server import serve as run
@@ -77,7 +91,7 @@ def serve(
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
         cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
         n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens, no_repair=no_repair)
+        image_max_tokens=image_max_tokens, no_repair=no_repair, tensor_split=tensor_split, rpc=rpc)
     opts = replace(opts, parallel=parallel)
     opts.check()
     sampling = Sampling(top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens)
@@ -90,8 +104,45 @@ def serve(
     config.check()  # an empty --api-key, or defaults that every request would be refused for
     if not Path(model).is_file():
         raise fail(f"model file {model} does not exist", 1)
-    placement = options.resolve_placement(model, opts)
     if not is_loopback(host) and not api_key:
         ui.err.print(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
                      "model", style="yellow", markup=False, highlight=False, soft_wrap=True)
-    run(lambda: Engine(model, opts, placement=placement), config, host=host, port=port, max_queue=max_queue)
+    if opts.rpc and not in_child():
+        endpoints = parse_endpoints(opts.rpc)
+        preflight(endpoints)  # an unusable rpc-server is one line now, not a child that dies at load
+        code = serve_behind_front(arguments, endpoints, host=host, port=port)
+        if code:
+            raise typer.Exit(code)
+        return
+    placement = options.resolve_placement(model, opts)
+    run(lambda: Engine(model, opts, placement=placement), config, host=host, port=port, max_queue=max_queue,
+        public_url=os.environ.get(FRONT_ENV))
+
+
+def serve_behind_front(arguments: dict[str, object], endpoints: list[Endpoint], *, host: str, port: int) -> int:
+    """Hold host:port with ms4local.server.front and serve the model from a child `serve` on a
+    private loopback port, started again whenever an rpc-server is lost and back; the exit code."""
+    from ..server.front import EngineProcess, run_front
+
+    public = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    children: list[Child] = []
+
+    def start(child_port: int) -> Popen[bytes]:
+        for old in children:
+            old.close()
+        kwargs = options.with_hub_projector({**arguments, "host": "127.0.0.1", "port": child_port})
+        children[:] = [Child(serve, kwargs, env={FRONT_ENV: public}, own_group=True)]
+        return children[0].proc
+
+    def say(text: str) -> None:
+        ui.err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def describe(code: int) -> str:
+        return children[0].death(code, endpoints, "The model is loaded again once every rpc-server answers")
+
+    engine = EngineProcess(start=start, endpoints=endpoints, describe_death=describe, log=say)
+    try:
+        return run_front(engine, host=host, port=port, public=public)
+    finally:
+        for child in children:
+            child.close()

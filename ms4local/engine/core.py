@@ -29,7 +29,7 @@ from ..images import image_parts, load_image
 from ..prompt import image_order, render, render_marked
 from ..stream import Tags
 from ..tokenizer import NotTekken, SpecialTokens, Tokenizer, check_text, llama_safe_segments
-from .devices import Placement, override_array, override_rules, place
+from .devices import Placement, gpu_devices, model_device_handles, override_array, override_rules, place
 from .events import ChatStream, Done, Event, Timings, Usage
 from .library import kv_override_array, last_error, llama, log_mark, put_row
 from .repair import describe, has_img_break, repaired_mmproj, temperature_overrides
@@ -89,6 +89,13 @@ class Engine:
         if self.placement.single_gpu is not None:
             mparams.split_mode = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
             mparams.main_gpu = 0
+        handles = None if opts.vocab_only else model_device_handles(popts)
+        if handles is not None:  # a NULL-terminated ggml_backend_dev_t[], kept alive with the model
+            self._devices = (ctypes.c_void_p * (len(handles) + 1))(*handles)
+            mparams.devices = ctypes.addressof(self._devices)
+        if popts.tensor_split:
+            self._split = (ctypes.c_float * L.llama_max_devices())(*popts.tensor_split)
+            mparams.tensor_split = ctypes.cast(self._split, ctypes.POINTER(ctypes.c_float))
         self._overrides = override_array(override_rules(popts, info.n_layer if info else None))
         if self._overrides is not None:
             mparams.tensor_buft_overrides = ctypes.addressof(self._overrides)
@@ -146,7 +153,9 @@ class Engine:
         if not opts.no_mmproj:
             mmproj = Path(opts.mmproj).expanduser() if opts.mmproj else find_mmproj(self.path, self.n_embd)
             if mmproj is not None:
-                gpu = self.placement.applied and popts.n_gpu_layers not in (None, 0)
+                # The projector runs on a local GPU only: libmtmd would take the first GPU-type
+                # device, and an rpc-server's is one too.
+                gpu = self.placement.applied and popts.n_gpu_layers not in (None, 0) and bool(gpu_devices())
                 try:
                     usable = self._usable_mmproj(mmproj, info) if opts.repair else mmproj
                     self.vision = Vision(usable, model=self.model, model_name=self.path.name, n_embd=self.n_embd,

@@ -20,6 +20,7 @@ from ..placement import DEFAULT_HEADROOM, EXPERTS_REGEX, Plan, expert_overrides,
 from .library import ggml_fn, llama
 from ..system import free_ram
 from .options import EngineOptions, parse_override
+from .rpc import device_handles, register_servers, registered_handles
 
 GGML_DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "iGPU", 3: "ACCEL"}
 _OFFLOAD_TYPES = ("GPU", "iGPU")
@@ -42,8 +43,8 @@ def _dev_handles() -> list[int]:
     return [get(i) for i in range(count())]
 
 
-def devices() -> list[Device]:
-    """Every device compiled into this llama.cpp build, with its memory."""
+def _device(dev: int) -> Device:
+    """The Device behind a ggml_backend_dev_t (an RPC device asks its server for its memory)."""
     name = ggml_fn("ggml_backend_dev_name", ctypes.c_char_p, ctypes.c_void_p)
     desc = ggml_fn("ggml_backend_dev_description", ctypes.c_char_p, ctypes.c_void_p)
     dtype = ggml_fn("ggml_backend_dev_type", ctypes.c_int, ctypes.c_void_p)
@@ -51,19 +52,52 @@ def devices() -> list[Device]:
                    ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t))
     reg = ggml_fn("ggml_backend_dev_backend_reg", ctypes.c_void_p, ctypes.c_void_p)
     reg_name = ggml_fn("ggml_backend_reg_name", ctypes.c_char_p, ctypes.c_void_p)
-    out = []
-    for dev in _dev_handles():
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out.append(Device(name=(name(dev) or b"?").decode(), description=(desc(dev) or b"").decode(),
-                          kind=GGML_DEVICE_TYPES.get(dtype(dev), "other"), backend=(reg_name(reg(dev)) or b"?").decode(),
-                          free=int(free.value), total=int(total.value)))
-    return out
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return Device(name=(name(dev) or b"?").decode(), description=(desc(dev) or b"").decode(),
+                  kind=GGML_DEVICE_TYPES.get(dtype(dev), "other"), backend=(reg_name(reg(dev)) or b"?").decode(),
+                  free=int(free.value), total=int(total.value))
+
+
+def devices() -> list[Device]:
+    """Every device of this llama.cpp build (and of the rpc-servers registered), with its memory."""
+    return [_device(dev) for dev in _dev_handles()]
+
+
+def _local_offload_handles() -> list[int]:
+    """This machine's GPUs as llama.cpp picks them by default: discrete ones, or the integrated
+    ones when there is no discrete GPU."""
+    rpc = registered_handles()
+    local = [(h, _device(h).kind) for h in _dev_handles() if h not in rpc]
+    gpus = [h for h, kind in local if kind == "GPU"]
+    return gpus or [h for h, kind in local if kind == "iGPU"]
 
 
 def gpu_devices() -> list[Device]:
-    """The devices llama.cpp can offload layers to (discrete or integrated GPUs)."""
-    return [d for d in devices() if d.kind in _OFFLOAD_TYPES]
+    """This machine's devices that llama.cpp can offload layers to (discrete or integrated GPUs)."""
+    rpc = registered_handles()
+    return [d for h in _dev_handles() if h not in rpc and (d := _device(h)).kind in _OFFLOAD_TYPES]
+
+
+def model_device_handles(opts: EngineOptions) -> list[int] | None:
+    """The devices to hand llama.cpp in `llama_model_params.devices` for these options.
+
+    None (llama.cpp's own choice) while no rpc-server is registered in this process. Once one
+    is, llama.cpp would offload to every registered server, also for a model that names none, so
+    the list is given explicitly, in llama.cpp's default order: this model's --rpc devices first
+    (fewer transfers: the output layer stays local), then the local GPUs.
+    """
+    if not registered_handles():
+        return None
+    return device_handles(opts.rpc) + _local_offload_handles()
+
+
+def offload_devices(opts: EngineOptions) -> list[Device]:
+    """The devices layers may go to for these options, in llama.cpp's order (what -ts splits over)."""
+    handles = model_device_handles(opts)
+    if handles is None:
+        return gpu_devices()
+    return [_device(h) for h in handles]
 
 
 def backends() -> list[tuple[str, int]]:
@@ -139,7 +173,9 @@ def place(model_path: str | os.PathLike[str], options: EngineOptions, info: Mode
     """
     opts = options
     opts.check()
-    gpus = gpu_devices()
+    if opts.rpc:
+        register_servers(opts.rpc)  # probed first: an unusable endpoint is an RpcError, not an abort
+    gpus = offload_devices(opts)
     notices: list[str] = []
     try:
         info = info or read_model(model_path)
@@ -151,7 +187,7 @@ def place(model_path: str | os.PathLike[str], options: EngineOptions, info: Mode
         notices += opts.check_model(info, memory)
     if not gpus:
         flags = [flag for flag, on in (("-ngl", opts.n_gpu_layers not in (None, 0)), ("--cpu-moe", opts.cpu_moe),
-                                       ("--n-cpu-moe", opts.n_cpu_moe > 0), ("--fit", bool(opts.fit)),
+                                       ("--n-cpu-moe", opts.n_cpu_moe > 0), ("-ts", bool(opts.tensor_split)), ("--fit", bool(opts.fit)),
                                        ("--vram", opts.vram is not None)) if on]
         plan_ = None
         if flags:
@@ -176,8 +212,13 @@ def place(model_path: str | os.PathLike[str], options: EngineOptions, info: Mode
                            f"only {', '.join(sorted(known))}")
         resolved = replace(opts, fit=False, n_gpu_layers=0, override_tensor=kept)
         return Placement(resolved, plan_, applied=False, notices=tuple(notices), info=info)
-    fit = opts.fit if opts.fit is not None else not opts.manual_placement
+    if len(opts.tensor_split) > len(gpus):
+        raise OptionsError(f"-ts/--tensor-split gives {len(opts.tensor_split)} shares for {len(gpus)} devices "
+                           f"({', '.join(d.name for d in gpus)})")
+    fit = opts.fit if opts.fit is not None else not (opts.manual_placement or opts.rpc)
     if not fit:
+        if opts.rpc:
+            notices.append(rpc_notice(gpus, opts))
         return Placement(replace(opts, fit=False, n_gpu_layers=-1 if opts.n_gpu_layers is None else opts.n_gpu_layers),
                          notices=tuple(notices), info=info)
     dev = gpus[0]
@@ -194,6 +235,16 @@ def place(model_path: str | os.PathLike[str], options: EngineOptions, info: Mode
                        f"{max(plan_.n_gpu_layers - 1, 0)} of {plan_.n_layer} blocks on the GPU")
     resolved = replace(opts, fit=False, n_gpu_layers=plan_.n_gpu_layers, n_cpu_moe=plan_.n_cpu_moe, cpu_moe=False)
     return Placement(resolved, plan_, notices=tuple(notices), single_gpu=dev.name, info=info)
+
+
+def rpc_notice(gpus: list[Device], opts: EngineOptions) -> str:
+    """Where llama.cpp will put the offloaded layers, said once: which devices, and how they share them."""
+    names = ", ".join(f"{d.name} ({d.description if d.backend == 'RPC' else 'local'}, {d.free / 2**30:.1f} GiB free)"
+                      for d in gpus)
+    share = ("-ts " + ",".join(f"{x:g}" for x in opts.tensor_split)) if opts.tensor_split else \
+        "in proportion to their free memory (-ts to choose)"
+    layers = "all layers" if opts.n_gpu_layers in (None, -1) else f"{opts.n_gpu_layers} layers (-ngl)"
+    return f"{layers} go to {names}, {share}"
 
 
 def override_array(rules: list[str]) -> Any:

@@ -14,6 +14,7 @@ from ..errors import ModelLoadError, OptionsError
 from ..images import DEFAULT_MAX_TOKENS
 from ..gguf_model import ModelInfo
 from ..placement import CACHE_TYPES, kv_cache_bytes
+from ..rpc import parse_endpoints
 
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "iq4_nl": 20}
 
@@ -41,6 +42,11 @@ class EngineOptions:
     cpu_moe: bool = False
     n_cpu_moe: int = 0
     override_tensor: list[str] = field(default_factory=list)  # "REGEX=BUFT"; the first match wins
+    # Share of the offloaded layers per device, in llama.cpp's device order (the --rpc servers'
+    # devices first, then the local GPUs); empty: in proportion to each device's free memory.
+    tensor_split: list[float] = field(default_factory=list)
+    # llama.cpp rpc-servers ("HOST:PORT") whose devices take layers like local GPUs, probed before use.
+    rpc: list[str] = field(default_factory=list)
     fit: bool | None = None
     vram: int | None = None
     # Vision: the projector GGUF (None: an mmproj-*.gguf beside the model whose projection size
@@ -58,7 +64,8 @@ class EngineOptions:
     @property
     def manual_placement(self) -> bool:
         """Whether the user placed tensors by hand (then --fit stays off unless asked)."""
-        return self.n_gpu_layers is not None or self.cpu_moe or self.n_cpu_moe > 0 or bool(self.override_tensor)
+        return (self.n_gpu_layers is not None or self.cpu_moe or self.n_cpu_moe > 0 or bool(self.override_tensor)
+                or bool(self.tensor_split))
 
     def check(self) -> None:
         """Raise OptionsError for values llama.cpp would reject or misread (no model needed)."""
@@ -81,6 +88,16 @@ class EngineOptions:
             raise OptionsError(f"--n-cpu-moe must be 0 or more, got {self.n_cpu_moe}")
         for rule in self.override_tensor:
             parse_override(rule)
+        if self.tensor_split:
+            if len(self.tensor_split) > MAX_DEVICES:
+                raise OptionsError(f"-ts/--tensor-split takes at most {MAX_DEVICES} shares, got {len(self.tensor_split)}")
+            if any(not x >= 0 for x in self.tensor_split) or not any(x > 0 for x in self.tensor_split):
+                raise OptionsError("-ts/--tensor-split wants shares of 0 or more, at least one above 0 (e.g. 3,1)")
+        if self.rpc:
+            parse_endpoints(self.rpc)
+            if self.fit:
+                raise OptionsError("--fit plans for one local GPU, not across rpc-servers yet; place the layers with "
+                                   "-ngl, -ts and -ot (or drop --fit)")
         if self.vram is not None and self.vram <= 0:
             raise OptionsError("--vram must be a positive size such as 24G")
         if self.image_max_tokens < 1:
@@ -93,7 +110,7 @@ class EngineOptions:
         if self.mmproj is not None and self.no_mmproj:
             raise OptionsError("--mmproj and --no-mmproj contradict each other; pass one of them")
         if self.fit and self.manual_placement:
-            raise OptionsError("--fit chooses -ngl and the expert placement itself; drop -ngl/--cpu-moe/"
+            raise OptionsError("--fit chooses -ngl and the expert placement itself; drop -ngl/-ts/--cpu-moe/"
                                "--n-cpu-moe/-ot, or pass --no-fit to place tensors by hand")
 
     def check_model(self, info: ModelInfo, memory: int | None) -> list[str]:
@@ -141,6 +158,7 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+MAX_DEVICES = 16  # llama_max_devices(): the length of llama.cpp's tensor_split array
 MAX_CTX = 2**32 - 256  # llama.cpp's uint32 n_ctx, rounded up to its 256-cell padding
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 QUANTIZED_KV = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}

@@ -34,10 +34,11 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(load: Callable[[], object], config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8080,
-          max_queue: int = 64, log: Callable[[str], None] | None = None) -> None:
+          max_queue: int = 64, log: Callable[[str], None] | None = None, public_url: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT; raises the engine's load error if the model cannot be loaded.
 
     `load` builds the Engine (it runs in the scheduler's thread while uvicorn already answers).
+    `public_url` is the address clients use when this server runs behind `serve --rpc`'s front.
     """
     import uvicorn
     from sse_starlette.sse import AppStatus
@@ -69,8 +70,8 @@ def serve(load: Callable[[], object], config: ServerConfig, *, host: str = "127.
     @app.on_event("startup")
     async def _start() -> None:
         scheduler.start()
-        say(f"ms4local: serving {config.model_id} on http://{host if ':' not in host else f'[{host}]'}:{port}/v1 "
-            "(loading the model; /health says 200 when ready)")
+        url = public_url or f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        say(f"ms4local: serving {config.model_id} on {url}/v1 (loading the model; /health says 200 when ready)")
 
     @app.on_event("shutdown")
     async def _stop() -> None:

@@ -1,0 +1,482 @@
+"""llama.cpp's RPC backend: `ms4local rpc-server`, `--rpc` and the faults llama.cpp would abort on.
+
+Everything runs on loopback ports picked free by the tests. The endpoint checks (parsing, the
+Python probe against small fake servers, unreachable endpoints on the CLI) need no RPC build and
+always run; what needs a real rpc-server is skipped, with the reason, on a llama-cpp-python built
+without -DGGML_RPC=on. Runs that could meet llama.cpp's abort happen in subprocesses, never in
+pytest's own process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from helpers import BIN, ROOT
+from ms4local import EngineOptions
+from ms4local.cli import rpc_server as rpc_cli
+from ms4local.child import last_words
+from ms4local.cli.main import app
+from ms4local.engine import rpc as engine_rpc
+from ms4local.errors import OptionsError, RpcError
+from ms4local.rpc import PROTOCOL, Endpoint, parse_endpoints, probe
+
+RPC_LIB = engine_rpc.library_file()
+needs_rpc = pytest.mark.skipif(RPC_LIB is None, reason="this venv's llama-cpp-python has no libggml-rpc (built "
+                                                       "without -DGGML_RPC=on; `make install` rebuilds it)")
+MS4LOCAL = str(BIN / "ms4local")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- endpoints, no RPC build needed
+def test_parse_endpoints_reads_llamas_forms():
+    assert parse_endpoints(["127.0.0.1:50052,host-b:50053", "10.0.0.2:1"]) == [
+        Endpoint("127.0.0.1", 50052), Endpoint("host-b", 50053), Endpoint("10.0.0.2", 1)]
+
+
+@pytest.mark.parametrize("value, says", [
+    ("127.0.0.1", "HOST:PORT"), (":50052", "HOST:PORT"), ("h:port", "within 1-65535"), ("h:0", "within 1-65535"),
+    ("h:70000", "within 1-65535"), ("::1:50052", "IPv4 only"), ("[::1]:50052", "IPv4 only"),
+    ("a:1,,b:2", "empty entry"), ("a:1,a:1", "twice"), (",".join(f"h:{p}" for p in range(1, 18)), "at most 16"),
+])
+def test_malformed_endpoints_are_options_errors(value, says):
+    with pytest.raises(OptionsError, match=says):
+        parse_endpoints([value])
+
+
+def test_engine_options_check_rpc_and_tensor_split():
+    EngineOptions(rpc=["127.0.0.1:50052"], tensor_split=[3, 1]).check()
+    with pytest.raises(OptionsError, match="--fit plans for one local GPU"):
+        EngineOptions(rpc=["127.0.0.1:50052"], fit=True).check()
+    with pytest.raises(OptionsError, match="at least one above 0"):
+        EngineOptions(tensor_split=[0, 0]).check()
+    with pytest.raises(OptionsError, match="at most 16"):
+        EngineOptions(tensor_split=[1.0] * 17).check()
+    assert EngineOptions(tensor_split=[1.0]).manual_placement
+
+
+class FakeServer:
+    """A TCP server on a free loopback port that answers each connection with `reply(conn)`."""
+
+    def __init__(self, reply) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.reply = reply
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    self.reply(conn)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def hello_reply(version):
+    def reply(conn):
+        conn.recv(1 + 8 + 24)
+        conn.sendall(struct.pack("<Q", 28) + bytes(version) + b"\0" + bytes(24))
+        time.sleep(0.2)
+    return reply
+
+
+@pytest.mark.parametrize("reply, says", [
+    (hello_reply((6, 0, 0)), "speaks RPC protocol 6.0.0, this llama.cpp 7.0.0"),
+    (hello_reply((PROTOCOL[0], PROTOCOL[1] + 1, 0)), "speaks RPC protocol 7.1.0"),
+    (lambda conn: conn.close(), "closed the connection during the handshake"),
+    (lambda conn: time.sleep(1.5), "accepted the connection but sent no handshake within 0.5 s"),
+    (lambda conn: conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n"), "does not answer like llama.cpp's RPC server"),
+])
+def test_probe_names_the_endpoint_and_the_fault(reply, says):
+    fake = FakeServer(reply)
+    try:
+        with pytest.raises(RpcError, match=says) as e:
+            probe(f"127.0.0.1:{fake.port}", timeout=0.5)
+        assert str(e.value).startswith(f"rpc-server 127.0.0.1:{fake.port}: ")
+        assert e.value.endpoint == f"127.0.0.1:{fake.port}"
+    finally:
+        fake.close()
+
+
+def test_probe_refused_and_unresolvable():
+    port = free_port()
+    with pytest.raises(RpcError, match=f"rpc-server 127.0.0.1:{port}: connection refused"):
+        probe(f"127.0.0.1:{port}")
+    with pytest.raises(RpcError, match="cannot resolve host 'no-such-host.invalid'"):
+        probe("no-such-host.invalid:50052")
+
+
+@pytest.mark.parametrize("command", ["chat", "info", "eval", "serve"])
+def test_unreachable_endpoint_is_one_line_within_seconds(command, model, cli_env):
+    """A closed port is refused by the probe, before llama.cpp (which would abort) sees it."""
+    port = free_port()
+    args = [MS4LOCAL, command, str(model), "--rpc", f"127.0.0.1:{port}"] + (["-p", "hi"] if command == "chat" else [])
+    started = time.monotonic()
+    r = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: rpc-server 127.0.0.1:{port}: connection refused (is `ms4local rpc-server --port {port}` running "
+        "there, bound to an address this machine can reach?)"]
+    assert time.monotonic() - started < 20  # the import of the CLI included; the probe itself is instant
+
+
+def test_malformed_rpc_flag_is_a_usage_error(model, cli_env):
+    r = subprocess.run([MS4LOCAL, "chat", str(model), "--rpc", "localhost", "-p", "hi"], env=cli_env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --rpc wants HOST:PORT (e.g. 192.168.1.20:50052), got 'localhost'"
+
+
+@pytest.mark.parametrize("target, cmake", [("install", "-DGGML_RPC=on"), ("install-cuda", "-DGGML_CUDA=on -DGGML_RPC=on"),
+                                           ("install-metal", "-DGGML_METAL=on -DGGML_RPC=on")])
+def test_make_builds_rpc_and_rebuilds_a_cached_wheel_without_it(tmp_path, target, cmake):
+    """Every install target builds with GGML_RPC and then looks for libggml-rpc; when a cached wheel
+    without it came back, it rebuilds from source without pip's cache, with the same flags."""
+    venv = tmp_path / "venv"  # `make -n` on a venv that does not exist: the whole recipe is printed
+    r = subprocess.run(["make", "-n", "-B", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f'CMAKE_ARGS="{cmake}' in r.stdout
+    assert "from ms4local.engine.rpc import library_file; sys.exit(library_file() is None)" in r.stdout
+    pin = re.search(r'"(llama-cpp-python==[^"]+)"', (ROOT / "pyproject.toml").read_text())[1]
+    rebuild = f'CMAKE_ARGS="{cmake}" {venv}/bin/python -m pip install --force-reinstall --no-cache-dir --no-binary ' \
+              f"llama-cpp-python --no-deps '{pin}'"
+    assert rebuild in r.stdout
+
+
+def test_library_file_is_found_without_loading_llama_cpp():
+    assert RPC_LIB is None or (RPC_LIB.parent.name == "lib" and RPC_LIB.name.startswith("libggml-rpc"))
+
+
+def test_last_words_strip_the_source_location():
+    assert last_words("noise\n/x/ggml-rpc.cpp:579: Remote RPC server crashed or returned malformed response\n") == \
+        "Remote RPC server crashed or returned malformed response"
+
+
+def test_rpc_server_warns_off_loopback_and_binds_loopback_by_default(monkeypatch):
+    """CLI test: the library call is patched; what is checked is the warning and the arguments."""
+    calls = []
+    monkeypatch.setattr(rpc_cli, "check_address", lambda host, port: f"{host}:{port}")
+    monkeypatch.setattr(rpc_cli.engine_rpc, "available", lambda: True)
+    monkeypatch.setattr(rpc_cli, "pick_devices", lambda names: ([1], ["CPU"]))
+    monkeypatch.setattr(rpc_cli, "serve_until_signal", lambda *a: calls.append(a))
+    runner = CliRunner()
+    r = runner.invoke(app, ["rpc-server"], env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert r.exit_code == 0 and "warning" not in r.output
+    assert calls[-1][0] == "127.0.0.1:50052" and calls[-1][1:] == ([1], ["CPU"], max(1, (os.cpu_count() or 2) // 2), None)
+    r = runner.invoke(app, ["rpc-server", "--host", "0.0.0.0", "--port", "50099", "-t", "2"],
+                      env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert r.exit_code == 0
+    assert "warning: rpc-server on 0.0.0.0: llama.cpp's RPC has no authentication and no encryption" in r.output
+    assert calls[-1][0] == "0.0.0.0:50099" and calls[-1][3] == 2
+
+
+def test_rpc_server_refuses_a_name_or_ipv6_host():
+    r = CliRunner().invoke(app, ["rpc-server", "--host", "localhost"])
+    assert r.exit_code == 2 and "--host must be an IPv4 address" in r.output
+
+
+# ----------------------------------------------------------------------------- real rpc-servers
+class RpcServer:
+    """`ms4local rpc-server` on a free loopback port, as a subprocess; ready once it says it listens
+    (which it says after its own probe of the port has answered)."""
+
+    def __init__(self, tmp: Path, port: int | None = None, *extra: str) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.log = tmp / f"rpc-server-{self.port}.log"
+        env = dict(os.environ, NO_COLOR="1", COLUMNS="200")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([MS4LOCAL, "rpc-server", "--port", str(self.port), "-t", "1", *extra],
+                                         stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + 60
+        while f"listening on {self.endpoint}" not in self.text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"rpc-server did not start: {self.text()}")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=20)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def servers(tmp_path):
+    """Two rpc-servers, stopped after the test."""
+    started: list[RpcServer] = []
+    try:
+        started += [RpcServer(tmp_path), RpcServer(tmp_path)]
+        yield started
+    finally:
+        for s in started:
+            s.stop(signal.SIGKILL)
+
+
+@needs_rpc
+def test_rpc_server_stops_cleanly_on_sigterm_and_sigint(tmp_path):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        s = RpcServer(tmp_path)
+        assert s.stop(sig) == 0
+        log = s.text()
+        assert f"ms4local rpc-server listening on {s.endpoint} (RPC protocol 7.0.0), sharing CPU with 1 CPU thread;" in log
+        assert f"rpc-server on {s.endpoint} stopped ({signal.Signals(sig).name})" in log
+        assert "Traceback" not in log
+        with pytest.raises(RpcError, match="connection refused"):
+            probe(s.endpoint)
+
+
+@needs_rpc
+def test_rpc_server_on_a_port_in_use_is_one_line(tmp_path, servers):
+    r = subprocess.run([MS4LOCAL, "rpc-server", "--port", str(servers[0].port)], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, NO_COLOR="1"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{servers[0].port}: ")
+    probe(servers[0].endpoint)  # the first one is untouched
+
+
+@needs_rpc
+def test_rpc_server_cache_dir_and_unknown_device(tmp_path):
+    r = subprocess.run([MS4LOCAL, "rpc-server", "--port", str(free_port()), "--device", "CUDA7"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "--device CUDA7: no such device here; this build has CPU" in r.stderr
+    s = RpcServer(tmp_path, None, "--cache", str(tmp_path / "cache"))
+    try:
+        assert (tmp_path / "cache").is_dir()
+        assert f"tensor cache {tmp_path / 'cache'}" in s.text()
+    finally:
+        s.stop()
+
+
+LOGITS = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from ms4local import Engine, EngineOptions
+    from ms4local import engine as eng
+
+    model, endpoints = sys.argv[1], sys.argv[2:]
+    text = "Bonjour le monde, ceci est un essai de RPC."
+
+    def run(**kw):
+        mark = eng.log_mark()
+        with Engine(model, EngineOptions(ctx_size=64, logits_all=True, **kw)) as e:
+            ids = e.tokenize(text, add_special=True)
+            return e.logits(ids), eng.log_text(mark)
+
+    before, _ = run()
+    remote, log = run(rpc=endpoints, n_gpu_layers=-1)
+    first_only, log_split = run(rpc=endpoints, n_gpu_layers=-1, tensor_split=[1, 0])
+    after, log_after = run()
+
+    def scale(x):  # the largest difference, relative to the largest logit
+        return float(np.max(np.abs(x - before)) / np.max(np.abs(before)))
+
+    print(json.dumps({"scale": scale(remote), "scale_split": scale(first_only), "positions": len(before),
+                      "same_after": bool((before == after).all()), "log": log, "log_split": log_split,
+                      "log_after": log_after}))
+""")
+
+
+@needs_rpc
+def test_logits_through_two_rpc_servers_equal_a_local_run(model, servers, tmp_path):
+    """Every layer on the two servers (-ngl all): the logits at every position equal the local run's;
+    llama.cpp's load log shows the weights in both servers' buffers (in the first one's only with
+    -ts 1,0); a later engine without --rpc in the same process stays local."""
+    script = tmp_path / "logits.py"
+    script.write_text(LOGITS)
+    r = subprocess.run([str(BIN / "python"), str(script), str(model)] + [s.endpoint for s in servers],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["positions"] > 5
+    assert out["scale"] <= 1e-3 and out["scale_split"] <= 1e-3, out  # at every position
+    assert out["same_after"]
+
+    def buffers(log):
+        return {line.split("model buffer size")[0].split(":", 1)[1].strip(): float(line.split("=")[1].split()[0])
+                for line in log.splitlines() if "model buffer size" in line}
+
+    # Each server holds its share of the blocks; only the input embeddings stay in this process.
+    both = buffers(out["log"])
+    assert all(both.get(f"RPC0[{s.endpoint}]", 0) > 0.1 for s in servers), both
+    assert set(both) == {"CPU_Mapped"} | {f"RPC0[{s.endpoint}]" for s in servers}, both
+    # -ts 1,0: every block on the first server, none on the second.
+    assert set(buffers(out["log_split"])) == {"CPU_Mapped", f"RPC0[{servers[0].endpoint}]"}, out["log_split"]
+    assert not any("RPC" in line for line in out["log_after"].splitlines() if "buffer size" in line)
+
+
+def chat_args(model, servers, *extra):
+    return [MS4LOCAL, "chat", str(model), "--rpc", ",".join(s.endpoint for s in servers), "-c", "4096",
+            "--temp", "0", *extra]
+
+
+@needs_rpc
+def test_chat_through_rpc_answers_like_a_local_chat(model, servers, cli_env):
+    args = ["-p", "Bonjour", "-n", "12", "--json"]
+    remote = subprocess.run(chat_args(model, servers, *args), env=cli_env, capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0, remote.stderr
+    assert "go to RPC0 (127.0.0.1:" in remote.stderr  # the notice that says where the layers went
+    local = subprocess.run([MS4LOCAL, "chat", str(model), "-c", "4096", "--temp", "0", *args], env=cli_env,
+                           capture_output=True, text=True, timeout=300)
+    assert json.loads(remote.stdout)["content"] == json.loads(local.stdout)["content"]
+    assert json.loads(remote.stdout)["usage"]["completion_tokens"] > 0
+
+
+@needs_rpc
+def test_rpc_server_killed_mid_answer_ends_chat_with_one_line(model, servers, cli_env, tmp_path):
+    """llama.cpp aborts its process on a lost server; the chat's engine runs in a child, so the
+    user sees one line that names the server, not a C backtrace."""
+    victim = servers[1]
+    chat = subprocess.Popen(chat_args(model, servers, "-p", "Bonjour", "-n", "-1"), env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = chat.stdout.read(16)  # the answer is streaming
+        assert first, chat.stderr.read().decode()
+        victim.proc.kill()
+        victim.proc.wait()
+        killed = time.monotonic()
+        _, err = chat.communicate(timeout=60)
+    finally:
+        if chat.poll() is None:
+            chat.kill()
+    assert time.monotonic() - killed < 15
+    assert chat.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert lines[-1] == (f"error: lost rpc-server {victim.endpoint} (connection refused); llama.cpp stopped: Remote RPC "
+                         "server crashed or returned malformed response. Start the rpc-server again and rerun")
+    assert not any("ggml-rpc.cpp" in line or "GGML_ABORT" in line or "Traceback" in line for line in lines)
+
+
+@needs_rpc
+def test_info_and_doctor_show_the_servers(model, servers, cli_env):
+    eps = ",".join(s.endpoint for s in servers)
+    r = subprocess.run([MS4LOCAL, "info", str(model), "--rpc", eps, "--json"], env=cli_env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["rpc_servers"]
+    assert [s["endpoint"] for s in got] == [s.endpoint for s in servers]
+    assert all(s["protocol"] == "7.0.0" and s["devices"][0]["total"] > 0 for s in got)
+    r = subprocess.run([MS4LOCAL, "info", str(model), "--rpc", eps], env=cli_env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "RPC1" in r.stdout and f"{servers[1].endpoint} #0" in r.stdout
+    r = subprocess.run([MS4LOCAL, "doctor", "--json", "--rpc", servers[0].endpoint], env=cli_env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["rpc"]["available"] and report["rpc"]["library"] == str(RPC_LIB)
+    assert report["mistral4"] == {"ok": True, "detail": "a generated tiny mistral4 GGUF loads and runs with every layer "
+                                                        f"on {servers[0].endpoint}"}
+    assert any(d["backend"] == "RPC" and d["description"] == servers[0].endpoint for d in report["devices"])
+
+
+def test_doctor_says_whether_rpc_is_built_in(cli_env):
+    r = subprocess.run([MS4LOCAL, "doctor", "--json"], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rpc = json.loads(r.stdout)["rpc"]
+    assert rpc["available"] == (RPC_LIB is not None) and rpc["servers"] == []
+
+
+@needs_rpc
+def test_serve_survives_a_lost_rpc_server_and_loads_again(model, servers, tmp_path, endless):
+    """`serve --rpc`: answers through the servers; a server killed mid-stream ends that stream with an
+    error event, /health and new requests get 503 naming it, and once it is started again on the
+    same port the model is loaded again without the user restarting anything."""
+    import openai
+    from helpers.serving import Server, user
+
+    victim = servers[1]
+    srv = Server(model, "--rpc", ",".join(s.endpoint for s in servers), "-c", "4096")
+    try:
+        client = srv.client()
+        name = Path(model).name.removesuffix(".gguf")
+        first = client.chat.completions.create(model=name, messages=user("Bonjour"), max_tokens=8, temperature=0)
+        assert first.choices[0].message.content
+        stream = client.chat.completions.create(model=name, messages=user("Raconte"), max_tokens=3000, stream=True,
+                                                extra_body=endless)
+        chunks = iter(stream)
+        next(chunks), next(chunks)  # the answer is streaming
+        victim.proc.kill()
+        victim.proc.wait()
+        with pytest.raises(openai.APIError, match=f"lost rpc-server {victim.endpoint}"):
+            for _ in chunks:
+                pass
+        status, headers, body = srv.get("/health")
+        assert status == 503 and body["status"] == "unavailable" and victim.endpoint in body["reason"]
+        assert {k.lower(): v for k, v in headers.items()}.get("retry-after") == "5"
+        with pytest.raises(openai.InternalServerError, match=f"lost rpc-server {victim.endpoint}"):
+            client.chat.completions.create(model=name, messages=user("Bonjour"), max_tokens=8)
+        servers[1] = RpcServer(tmp_path, victim.port)  # the same endpoint, back
+        deadline = time.monotonic() + 120
+        while srv.get("/health")[0] != 200:
+            assert time.monotonic() < deadline, srv.get("/health")
+            time.sleep(0.5)
+        again = client.chat.completions.create(model=name, messages=user("Bonjour"), max_tokens=8, temperature=0)
+        assert again.choices[0].message.content == first.choices[0].message.content
+        assert srv.get("/health")[2]["status"] == "ok"
+        assert srv.terminate() == 0
+    finally:
+        srv.kill()
+    out = srv.proc.stdout.read()
+    assert "ggml-rpc.cpp" not in out and "Traceback" not in out, out
+
+
+@needs_rpc
+def test_interactive_chat_through_rpc_stops_an_answer_on_ctrl_c(model, servers, cli_env, tmp_path):
+    """In a terminal, Ctrl-C reaches the parent and the child (one process group): the parent lets
+    the child take it, so one press stops the answer and the chat goes on, as without --rpc."""
+    import pexpect
+
+    env = dict(cli_env, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    chat = pexpect.spawn(MS4LOCAL, ["chat", str(model), "--rpc", ",".join(s.endpoint for s in servers), "-t", "1",
+                                    "-n", "-1", "--temp", "0"], env=env, encoding="utf-8", timeout=60,
+                         dimensions=(40, 200), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        chat.expect(">>> ")
+        chat.sendline("Bonjour")
+        chat.expect(r"\S")  # the answer has begun
+        time.sleep(0.5)
+        chat.sendintr()
+        chat.expect(r"stopped · \d+ generated")
+        chat.expect(">>> ")
+        chat.sendline("/exit")
+        chat.expect(pexpect.EOF)
+    finally:
+        chat.close(force=True)
+    assert chat.exitstatus == 0, chat.before
+
+
+@needs_rpc
+def test_eval_through_rpc_scores_as_a_local_eval(model, servers, cli_env):
+    args = [str(model), "-c", "64", "--chunks", "2", "--json"]
+    local = subprocess.run([MS4LOCAL, "eval", *args], env=cli_env, capture_output=True, text=True, timeout=300)
+    remote = subprocess.run([MS4LOCAL, "eval", *args, "--rpc", ",".join(s.endpoint for s in servers)], env=cli_env,
+                            capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    a, b = json.loads(local.stdout)["perplexity"], json.loads(remote.stdout)["perplexity"]
+    assert abs(a - b) <= 1e-4 * a, (a, b)
