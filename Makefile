@@ -1,6 +1,7 @@
 # ms4local — the two commands a newcomer needs: `make demo` and `make test`.
-# llama-cpp-python compiles from source once (3–12 min on 2 cores); pip's wheel cache keeps the
-# built wheel, so later installs (a fresh clone, CI) reuse it instead of compiling again.
+# llama-cpp-python compiles from source once (3–12 min on 2 cores) with llama.cpp's RPC backend; the
+# wheel is kept in ms4local's cache ($(WHEELS)), so later installs (a fresh clone, CI) reuse it
+# instead of compiling again. pip's own wheel cache cannot: it is keyed by version, not CMAKE_ARGS.
 
 VENV    ?= .venv
 PYTHON  ?= python3
@@ -11,6 +12,8 @@ LLAMA_CPP_PYTHON := llama-cpp-python==$(shell sed -n 's/.*"llama-cpp-python==\([
 
 # Every build has llama.cpp's RPC backend (libggml-rpc: `ms4local rpc-server`, `--rpc`).
 RPC_CMAKE := -DGGML_RPC=on
+CACHE   ?= $(or $(MS4LOCAL_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/ms4local)
+WHEELS  ?= $(CACHE)/wheels/$(subst ==,-,$(LLAMA_CPP_PYTHON))-cpu-rpc
 
 # pip's wheel cache is keyed by version, not by CMAKE_ARGS, so an install may be handed a cached
 # wheel built without RPC. After each install: if libggml-rpc is missing from llama_cpp/lib,
@@ -31,6 +34,14 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --force-reinstall --no-index --no-deps --find-links '$(WHEELS)' \
+	  '$(LLAMA_CPP_PYTHON)' 2>/dev/null || { \
+	  echo "Compiling $(LLAMA_CPP_PYTHON) with $(RPC_CMAKE) once (3–12 min on 2 cores), kept in $(WHEELS)"; \
+	  CMAKE_ARGS="$(RPC_CMAKE)" $(PY) -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
+	    -w '$(WHEELS).part.$$$$' '$(LLAMA_CPP_PYTHON)' && mkdir -p '$(WHEELS)' && \
+	  mv '$(WHEELS).part.'$$$$/*.whl '$(WHEELS)/' && rm -rf '$(WHEELS).part.'$$$$ && \
+	  $(PY) -m pip install --quiet --force-reinstall --no-index --no-deps --find-links '$(WHEELS)' \
+	    '$(LLAMA_CPP_PYTHON)'; }
 	CMAKE_ARGS="$(RPC_CMAKE)" $(PY) -m pip install -e '.[test]'
 	$(call ensure_rpc,$(RPC_CMAKE))
 	touch $(STAMP)
