@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml Makefile
 	  '$(LLAMA_CPP_PYTHON)' 2>/dev/null || { \
 	  echo "Compiling $(LLAMA_CPP_PYTHON) with $(RPC_CMAKE) once (3–12 min on 2 cores), kept in $(WHEELS)"; \
 	  CMAKE_ARGS="$(RPC_CMAKE)" $(PY) -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python \
-	    -w '$(WHEELS).part.$$$$' '$(LLAMA_CPP_PYTHON)' && mkdir -p '$(WHEELS)' && \
+	    -w '$(WHEELS).part.'$$$$ '$(LLAMA_CPP_PYTHON)' && mkdir -p '$(WHEELS)' && \
 	  mv '$(WHEELS).part.'$$$$/*.whl '$(WHEELS)/' && rm -rf '$(WHEELS).part.'$$$$ && \
 	  $(PY) -m pip install --quiet --force-reinstall --no-index --no-deps --find-links '$(WHEELS)' \
 	    '$(LLAMA_CPP_PYTHON)'; }

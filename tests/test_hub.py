@@ -420,6 +420,28 @@ def test_projector_from_another_folder_reaches_the_engine(stub, env, hub_cli_env
     assert stub.gets() == ["mmproj-Tiny-F16.gguf", "Q8_0/Tiny-Q8_0.gguf"]
 
 
+def test_flags_are_checked_before_a_name_is_fetched(stub, env, hub_cli_env, ckpt, gguf_file):
+    """A Hub name is resolved after every other flag was parsed: a bad flag costs no request, and
+    --no-mmproj (or an --mmproj of one's own) means the repo's projector is never downloaded."""
+    model = gguf_file(ckpt(VIS), "Q8_0")
+    (mmproj,) = model.parent.glob("mmproj-*.gguf")
+    stub.add(TINY_REPO, {"Tiny-Q8_0.gguf": model.read_bytes(), "mmproj-Tiny-F16.gguf": mmproj.read_bytes()})
+    for bad in (["chat", f"{TINY_REPO}:Q8_0", "-p", "Hi", "--temp", "warm"],
+                ["serve", f"{TINY_REPO}:Q8_0", "--port", "0x"],
+                ["info", f"{TINY_REPO}:Q8_0", "--vram", "lots"],
+                ["serve", f"{TINY_REPO}:Q8_0", "--max-body-size", "huge"],
+                ["quantize", f"{TINY_REPO}:Q8_0", "--type", "Q9_9"]):
+        p = cli(bad, hub_cli_env)
+        assert p.returncode == 2 and p.stderr.strip(), (bad, p.stderr)
+        assert stub.log == [], (bad, stub.log)
+    p = cli(["chat", f"{TINY_REPO}:Q8_0", "--no-mmproj", "-p", "Hi", "-n", "1", "--json"], hub_cli_env)
+    assert p.returncode == 0, p.stderr
+    assert stub.gets() == ["Tiny-Q8_0.gguf"] and "mmproj-Tiny-F16.gguf" not in p.stderr
+    p = cli(["chat", f"{TINY_REPO}:Q8_0", "--mmproj", mmproj, "-p", "Hi", "-n", "1", "--json"], hub_cli_env)
+    assert p.returncode == 0, p.stderr
+    assert stub.gets() == ["Tiny-Q8_0.gguf"]  # the cached quant, and the user's own projector
+
+
 def test_quantize_takes_a_checkpoint_repo(stub, env, hub_cli_env, ckpt):
     src = ckpt()
     files = {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}

@@ -41,6 +41,7 @@ def sampling_for(effort: str, temp: float | None, max_tokens: int, seed: int | N
 
 
 @handle_errors
+@options.from_hub(projector=True)
 @options.isolate_rpc
 def chat(
     model: options.Model,

@@ -27,6 +27,7 @@ Chunks = Annotated[int, typer.Option("--chunks", help="Score at most this many c
 
 
 @handle_errors
+@options.from_hub(projector=False)
 @options.isolate_rpc
 def eval_command(
     model: options.Model,

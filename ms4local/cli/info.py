@@ -26,7 +26,7 @@ Bandwidth = Annotated[Optional[list[str]], typer.Option(
     help="Memory bandwidth for the decode-speed bound, in GB/s; repeatable. A bare number is the GPU's "
          "(e.g. 936 for an RTX 3090); CPU=… replaces the measured RAM bandwidth.")]
 Ram = Annotated[Optional[str], typer.Option(
-    "--ram", metavar="SIZE", show_default=False, help="RAM to check the CPU side of the placement against (64G).")]
+    "--ram", metavar="SIZE", show_default=False, callback=options.size_flag, help="RAM to check the CPU side of the placement against (64G).")]
 
 
 def parse_bandwidths(values: list[str] | None) -> tuple[float | None, float | None]:
@@ -49,6 +49,7 @@ def parse_bandwidths(values: list[str] | None) -> tuple[float | None, float | No
 
 
 @handle_errors
+@options.from_hub(projector=True)
 def info(
     model: options.Model,
     as_json: options.Json = False,

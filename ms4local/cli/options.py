@@ -8,8 +8,10 @@ checks of flags that several commands share (`check_text`, `check_reasoning_effo
 `max_tokens`) raise OptionsError, which the error table turns into one line and exit code 2.
 
 The model argument (`Model`, and quantize's `Source`) takes a path or a Hugging Face name,
-`org/repo[:QUANT]`: its callback is the one place a name becomes a path (`fetch`: from the HF
-cache without the network, pulled with its plan and a byte bar when missing).
+`org/repo[:QUANT]`: its callback only checks the name's shape; `from_hub` is the one place a name
+becomes a path (`fetch`: from the HF cache without the network, pulled with its plan and a byte
+bar when missing), in the command's body, so every other flag is checked before a byte is fetched
+and --mmproj/--no-mmproj decide whether the repo's projector is fetched at all.
 
 `--rpc` (`Rpc`) is one of the engine flags; `isolate_rpc` runs a command given it in a child
 process (ms4local/child.py), where llama.cpp's abort on a lost rpc-server cannot reach the user.
@@ -39,17 +41,6 @@ from .errors import handle_errors
 # The sampling flags' defaults are the engine's own, written once in `Sampling` (read, never changed).
 SAMPLING = Sampling()
 
-# The projector chosen with each model resolved from a Hub name (model path → projector path):
-# `resolve_placement` hands it to the engine when no --mmproj/--no-mmproj was given, since a repo
-# may keep the projector in another folder than the quant's.
-_HUB_PROJECTORS: dict[str, str] = {}
-
-
-def hub_projector(model: str) -> str | None:
-    """The projector of a model that MODEL resolved from a Hub name in this process, if any."""
-    return _HUB_PROJECTORS.get(str(model))
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -67,7 +58,7 @@ def isolate_rpc(func: F) -> F:
             return func(*args, **kwargs)
         endpoints = parse_endpoints(rpc)
         preflight(endpoints)
-        code = child.run(func, with_hub_projector(kwargs), endpoints)
+        code = child.run(func, kwargs, endpoints)
         if code:
             raise typer.Exit(code)
         return None
@@ -75,13 +66,45 @@ def isolate_rpc(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def with_hub_projector(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """A command's arguments for a child process: MODEL resolved from a Hub name gets its projector as
-    --mmproj, since MODEL's callback (which found it) does not run again in the child."""
-    model = kwargs.get("model")
-    if model and kwargs.get("mmproj") is None and not kwargs.get("no_mmproj") and hub_projector(model):
-        return {**kwargs, "mmproj": hub_projector(model)}
-    return kwargs
+def from_hub(*, projector: bool) -> Callable[[F], F]:
+    """Resolve a Hub name given as MODEL (a GGUF repo's quant) to its first file before the command
+    runs: after every flag was parsed and checked, above `isolate_rpc` (the child gets a path).
+    A command with --mmproj gets the repo's projector there unless --mmproj or --no-mmproj was given
+    (a repo may keep it in another folder than the quant's); `projector` says whether a command
+    without that flag wants it fetched (info shows it, tokenize has no use for it)."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            name = hub.hub_name(kwargs["model"]) if kwargs.get("model") and not args else None
+            if name is None:
+                return func(*args, **kwargs)
+            wants = kwargs.get("mmproj") is None and not kwargs.get("no_mmproj") if "mmproj" in kwargs else projector
+            resolved = fetch(name, kind="gguf", mmproj=wants)
+            kwargs = {**kwargs, "model": str(resolved.model)}
+            if wants and "mmproj" in kwargs and resolved.mmproj is not None:
+                kwargs["mmproj"] = str(resolved.mmproj)
+            return func(**kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def source_from_hub(func: F) -> F:
+    """quantize's SRC from a Hub name, after every flag was checked: a checkpoint repo made complete
+    in the cache and passed on as its id (the converter finds it there offline and names the output
+    after it); a GGUF repo name (to re-quantize) resolved to its first file."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        name = hub.hub_name(kwargs["src"]) if kwargs.get("src") and not args else None
+        if name is not None:
+            resolved = fetch(name, mmproj=False)
+            kwargs = {**kwargs, "src": name.repo_id if resolved.kind == "checkpoint" else str(resolved.model)}
+        return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def fetch(name: hub.HubName, *, mmproj: bool = True, kind: str | None = None, always: bool = False) -> hub.Resolved:
@@ -117,36 +140,30 @@ def show_pull_plan(plan: hub.PullPlan) -> None:
 
 
 @handle_errors
-def _model_argument(ctx: typer.Context, value: str) -> str:
-    """MODEL: a path as given, or a Hub name resolved to the first file of its GGUF."""
-    name = None if ctx.resilient_parsing else hub.hub_name(value)
-    if name is None:
-        return value
-    resolved = fetch(name, kind="gguf")
-    if resolved.mmproj is not None:
-        _HUB_PROJECTORS[str(resolved.model)] = str(resolved.mmproj)
-    return str(resolved.model)
+def _hub_name_shape(ctx: typer.Context, value: str) -> str:
+    """MODEL and SRC as given; a Hub name of a malformed shape is refused here, at parse time (the
+    name is resolved by `from_hub` / `source_from_hub` once all flags are checked)."""
+    if not ctx.resilient_parsing:
+        hub.hub_name(value)
+    return value
 
 
 @handle_errors
-def _source_argument(ctx: typer.Context, value: str) -> str:
-    """quantize's SRC: a path as given; a checkpoint repo made complete in the cache and passed on as
-    its id (the converter finds it there offline and names the output after it); a GGUF repo name
-    (to re-quantize) resolved to its first file."""
-    name = None if ctx.resilient_parsing else hub.hub_name(value)
-    if name is None:
-        return value
-    resolved = fetch(name, mmproj=False)
-    return name.repo_id if resolved.kind == "checkpoint" else str(resolved.model)
+def size_flag(ctx: typer.Context, value: str | None) -> str | None:
+    """A SIZE flag (--vram, --ram, --max-body-size, --split-max-size) checked at parse time, so a
+    typo is its one line before a Hub name is fetched; kept as written ("0" is no GPU for --vram)."""
+    if value is not None and not ctx.resilient_parsing and value.strip().upper() not in ("0", "0G", "0B"):
+        parse_size(value)
+    return value
 
 
 Model = Annotated[str, typer.Argument(
     help="A GGUF file (the first file of a split set), or org/repo[:QUANT] on the Hugging Face Hub "
-         "(from its cache; downloaded first when missing).", show_default=False, callback=_model_argument)]
+         "(from its cache; downloaded first when missing).", show_default=False, callback=_hub_name_shape)]
 Source = Annotated[str, typer.Argument(
     help="Checkpoint directory, a .gguf file to re-quantize, or org/repo on the Hugging Face Hub (a safetensors "
          "checkpoint, or org/repo:QUANT of a GGUF repo; from its cache, downloaded first when missing).",
-    show_default=False, callback=_source_argument)]
+    show_default=False, callback=_hub_name_shape)]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (default: random).")]
 Temp = Annotated[Optional[float], typer.Option("--temp", help="Temperature (default 0.7 with high effort, 0.1 with none).")]
 MaxTokens = Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate (-1: until the context is full).")]
@@ -182,8 +199,8 @@ Fit = Annotated[Optional[bool], typer.Option(
     "--fit/--no-fit", show_default=False,
     help="Choose the GPU placement from free memory. Default: on when a GPU is present and nothing is placed by hand.")]
 Vram = Annotated[Optional[str], typer.Option(
-    "--vram", metavar="SIZE", show_default=False, help="Plan --fit for this much GPU memory (24G, 24GiB, 512M) "
-                                                       "instead of what the GPU reports free.")]
+    "--vram", metavar="SIZE", show_default=False, callback=size_flag,
+    help="Plan --fit for this much GPU memory (24G, 24GiB, 512M) instead of what the GPU reports free.")]
 
 TensorSplit = Annotated[Optional[str], typer.Option(
     "-ts", "--tensor-split", metavar="N0,N1,…", show_default=False,
@@ -297,11 +314,8 @@ def resolve_placement(model: str, opts: EngineOptions) -> Placement:
     """Resolve --fit and the GPU flags against this build's devices, and tell the user.
 
     Notices go to stderr, one line each; a --fit plan is printed as a table. Pass the result to
-    `Engine(model, opts, placement=...)` so the model is loaded exactly as shown. A model resolved
-    from a Hub name gets the repo's projector in `opts` unless --mmproj or --no-mmproj was given.
+    `Engine(model, opts, placement=...)` so the model is loaded exactly as shown.
     """
-    if opts.mmproj is None and not opts.no_mmproj and hub_projector(model):
-        opts.mmproj = hub_projector(model)
     placement = place(model, opts)
     for notice in placement.notices:
         ui.err.print(f"note: {notice}", style="yellow", markup=False, highlight=False)

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from quantize.convert import convert, count_params, is_gguf_source
-from quantize.policy import FILE_TYPES
+from quantize.policy import FILE_TYPES, parse_type
 from quantize.units import parse_size
 
 from .. import ui
@@ -24,17 +24,26 @@ TYPES = list(FILE_TYPES)
 
 
 @handle_errors
+def _type_flag(ctx: typer.Context, value: str) -> str:
+    """--type checked at parse time, before SRC is fetched from the Hub."""
+    if not ctx.resilient_parsing:
+        parse_type(value)
+    return value
+
+
+@handle_errors
+@options.source_from_hub
 def quantize_command(
     src: options.Source,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: models/<Name>-<TYPE>.gguf).")] = None,
-    out_type: Annotated[str, typer.Option("--type", help=f"Output type: {', '.join(TYPES)}.")] = "Q8_0",
+    out_type: Annotated[str, typer.Option("--type", callback=_type_flag, help=f"Output type: {', '.join(TYPES)}.")] = "Q8_0",
     policy: Annotated[str, typer.Option("--policy", help="Tensor mix: ms4local (MoE-aware, default) or llama "
                                                          "(exactly llama-quantize's).")] = "ms4local",
     tensor_type: Annotated[Optional[list[str]], typer.Option(
         "--tensor-type", help="REGEX=TYPE, repeatable (llama-quantize's syntax; the first match wins).")] = None,
     threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="Quantizer threads (default: all cores).")] = None,
     split_max_size: Annotated[Optional[str], typer.Option(
-        "--split-max-size", help="Split into files of at most this size (e.g. 50G, 500M).")] = None,
+        "--split-max-size", callback=options.size_flag, help="Split into files of at most this size (e.g. 50G, 500M).")] = None,
     split_max_tensors: Annotated[int, typer.Option("--split-max-tensors", help="Split into files of at most N tensors.")] = 0,
     mmproj_type: Annotated[str, typer.Option("--mmproj-type", help="Vision projector type: F16, F32 or Q8_0.")] = "F16",
     no_mmproj: Annotated[bool, typer.Option("--no-mmproj", help="Do not write the vision projector.")] = False,

@@ -28,6 +28,7 @@ FRONT_ENV = "MS4LOCAL_SERVE_FRONT"  # for the engine process behind the front: t
 
 
 @handle_errors
+@options.from_hub(projector=True)
 def serve(
     model: options.Model,
     host: Annotated[str, typer.Option("--host", help="Address to bind (a public one needs --api-key).")] = "127.0.0.1",
@@ -43,7 +44,7 @@ def serve(
         "--max-queue", help="Requests that may wait when every slot is busy (0: none wait, up to --parallel "
                             "are served at once); more get 429 with Retry-After.")] = 64,
     max_body_size: Annotated[str, typer.Option(
-        "--max-body-size", metavar="SIZE", help="Largest request body (images come as data: URIs); more gets 413.")] = "32M",
+        "--max-body-size", metavar="SIZE", callback=options.size_flag, help="Largest request body (images come as data: URIs); more gets 413.")] = "32M",
     allow_image_urls: Annotated[bool, typer.Option(
         "--allow-image-urls", help="Fetch http(s):// image URLs (off: only data: URIs are read).")] = False,
     allow_local_files: Annotated[bool, typer.Option(
@@ -130,7 +131,7 @@ def serve_behind_front(arguments: dict[str, object], endpoints: list[Endpoint], 
     def start(child_port: int) -> Popen[bytes]:
         for old in children:
             old.close()
-        kwargs = options.with_hub_projector({**arguments, "host": "127.0.0.1", "port": child_port})
+        kwargs = {**arguments, "host": "127.0.0.1", "port": child_port}
         children[:] = [Child(serve, kwargs, env={FRONT_ENV: public}, own_group=True)]
         return children[0].proc
 

@@ -25,6 +25,7 @@ from .errors import fail, handle_errors
 
 
 @handle_errors
+@options.from_hub(projector=False)
 def tokenize(
     model: options.Model,
     text: Annotated[Optional[str], typer.Argument(
