@@ -32,16 +32,19 @@ VIS = TinySpec(vocab=2000, vision_layers=3)
 TEMPERATURE_KEYS = ("mistral4.attention.temperature_scale", "mistral4.attention.temperature_length")
 
 
-def strip(src: Path, dst: Path, *, keys: tuple[str, ...] = (), tensors: tuple[str, ...] = ()) -> Path:
-    """Copy a GGUF without some metadata keys and tensors, with gguf-py alone."""
+def strip(src: Path, dst: Path, *, keys: tuple[str, ...] = (), tensors: tuple[str, ...] = (),
+          arch: str | None = None) -> Path:
+    """Copy a GGUF without some metadata keys and tensors (and with `arch`, relabelled as another
+    architecture: its keys renamed), with gguf-py alone."""
     reader = gguf.GGUFReader(src)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(dst, arch)
+    old = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch or old)
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in keys:
             continue
         kind = field.types[0]
-        writer.add_key_value(field.name, field.contents(), kind,
+        name = f"{arch}{field.name[len(old):]}" if arch and field.name.startswith(f"{old}.") else field.name
+        writer.add_key_value(name, field.contents(), kind,
                              sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
     kept = [t for t in reader.tensors if t.name not in tensors]
     assert len(kept) == len(reader.tensors) - len(tensors)
@@ -127,6 +130,26 @@ def test_the_cli_announces_the_repair_once_and_info_shows_it(third_party, cli_en
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["repair"]["temperature"] == {
         "mistral4.attention.temperature_length": 16, "mistral4.attention.temperature_scale": 0.1}
+
+
+def test_a_file_that_cannot_run_is_one_line_that_says_what_it_is(ckpt, gguf_file, tmp_path, cli_env):
+    """Another model family, or a Mistral Small 4 file without a key this llama.cpp reads (an older
+    converter's): llama.cpp refuses both; the error names what the file is, in one line."""
+    import subprocess
+
+    from helpers import BIN
+
+    ours = gguf_file(ckpt(BASE), "F32")
+    other = strip(ours, tmp_path / "Other.gguf", arch="llama")
+    old = strip(ours, tmp_path / "Old.gguf", keys=("mistral4.attention.kv_lora_rank",))
+    with pytest.raises(ModelLoadError) as err:
+        Engine(other, EngineOptions(ctx_size=64))
+    assert "Other.gguf is a 'llama' model" in str(err.value) and "not Mistral Small 4" in str(err.value)
+    p = subprocess.run([str(BIN / "ms4local"), "chat", str(old), "-p", "hi", "-n", "1"], capture_output=True,
+                       text=True, env=cli_env, timeout=120)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "Old.gguf is a 'mistral4' model" in p.stderr and "mistral4.attention.kv_lora_rank" in p.stderr
+    assert "ms4local quantize" in p.stderr
 
 
 @pytest.fixture(scope="module")

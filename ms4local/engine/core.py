@@ -32,7 +32,7 @@ from ..tokenizer import NotTekken, SpecialTokens, Tokenizer, check_text, llama_s
 from .devices import Placement, gpu_devices, model_device_handles, override_array, override_rules, place
 from .events import ChatStream, Done, Event, Timings, Usage
 from .library import kv_override_array, last_error, llama, log_mark, put_row
-from .repair import describe, has_img_break, repaired_mmproj, temperature_overrides
+from .repair import describe, has_img_break, load_failure, repaired_mmproj, temperature_overrides
 from .options import FLASH_ATTN, KV_TYPES, EngineOptions, Sampling, check_cache_types, check_model_path
 from .token_events import TokenEvents
 from .vision import Vision, reusable_prefix
@@ -115,7 +115,7 @@ class Engine:
         mparams.progress_callback = self._progress_ref
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
-            raise ModelLoadError(f"llama.cpp could not load {self.path.name}: {last_error(mark)}")
+            raise ModelLoadError(load_failure(self.path.name, info, last_error(mark)))
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.metadata = self._read_metadata()

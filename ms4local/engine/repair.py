@@ -14,6 +14,9 @@ cache):
 - the projector as a copy with the missing row — the text model's own `[IMG_BREAK]` embedding,
   dequantized from its `token_embd` — written once under ms4local's cache directory (a temporary
   name renamed when complete) and reused from then on.
+
+What cannot be repaired — another model family, a key set this llama.cpp does not read — is
+said in one line by `load_failure`, naming what the file is rather than only llama.cpp's reason.
 """
 
 from __future__ import annotations
@@ -33,6 +36,25 @@ from ..system import cache_root
 LLAMA4_BETA = 0.1  # Mistral Small 4's llama_4_scaling_beta (config.json), spec §3.3
 TEMPERATURE_ARCHS = ("mistral4",)  # architectures whose published checkpoints use the Llama-4 scaling
 IMG_BREAK_TENSOR = "v.token_embd.img_break"
+
+
+# Architectures Mistral Small 4 is published under: mistral4 (HF-path converters, ours), deepseek2
+# (llama.cpp's --mistral-format path, spec §7.5 and §9).
+MISTRAL4_ARCHS = ("mistral4", "deepseek2")
+
+
+def load_failure(name: str, info: ModelInfo | None, reason: str) -> str:
+    """The one line for a GGUF llama.cpp refused to load: what the file is, then llama.cpp's reason."""
+    if info is None:
+        return f"llama.cpp could not load {name}: {reason}"
+    title = info.metadata.get("general.name")
+    what = f"a {info.arch!r} model" + (f" ({title})" if title else "")
+    if info.arch not in MISTRAL4_ARCHS:
+        return f"{name} is {what}, not Mistral Small 4 (mistral4), and llama.cpp could not load it: {reason}"
+    if "key not found" in reason:
+        return (f"{name} is {what} without a key this llama.cpp reads ({reason.rsplit(':', 1)[-1].strip()}): written by "
+                f"an older or other converter; convert the checkpoint again with `ms4local quantize`")
+    return f"llama.cpp could not load {name} ({what}): {reason}"
 
 
 def temperature_overrides(info: ModelInfo) -> dict[str, float | int]:
