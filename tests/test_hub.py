@@ -341,8 +341,10 @@ def test_interrupted_and_killed_pulls_resume(stub, env, hub_cli_env):
 
     def stop(sig: int, at_least: int) -> subprocess.Popen:
         """Start `pull`, send `sig` once the .incomplete blob holds `at_least` bytes."""
+        # SIGINT at its default, as in a shell's foreground job (a background job inherits it ignored).
         proc = subprocess.Popen([str(MS4LOCAL), "pull", REPO], env=hub_cli_env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while not (part.is_file() and part.stat().st_size >= at_least) and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read()
