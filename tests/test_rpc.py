@@ -572,7 +572,7 @@ def test_fit_across_two_rpc_servers_plans_what_llama_cpp_then_loads(model, serve
 
 
 @needs_rpc
-def test_chat_with_fit_across_rpc_servers_answers_like_a_local_chat(model, servers, cli_env):
+def test_chat_and_eval_with_fit_across_rpc_servers_answer_like_local_runs(model, servers, cli_env):
     vram, _ = fit_vram(model)
     args = ["-c", "256", "-ub", "16", "--temp", "0", "-p", "Bonjour", "-n", "12", "--json"]
     remote = subprocess.run([MS4LOCAL, "chat", str(model), "--rpc", ",".join(s.endpoint for s in servers), "--fit",
@@ -583,6 +583,14 @@ def test_chat_with_fit_across_rpc_servers_answers_like_a_local_chat(model, serve
                            timeout=300)
     assert json.loads(remote.stdout)["content"] == json.loads(local.stdout)["content"]
     assert json.loads(remote.stdout)["usage"]["completion_tokens"] > 0
+    # eval --rpc --fit scores the text as a local eval does
+    args = [str(model), "-c", "64", "--chunks", "2", "--json"]
+    local = subprocess.run([MS4LOCAL, "eval", *args], env=cli_env, capture_output=True, text=True, timeout=300)
+    remote = subprocess.run([MS4LOCAL, "eval", *args, "--rpc", ",".join(s.endpoint for s in servers), "--fit",
+                             "--vram", str(vram)], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    a, b = json.loads(local.stdout)["perplexity"], json.loads(remote.stdout)["perplexity"]
+    assert abs(a - b) <= 1e-4 * a, (a, b)
 
 
 MOE = textwrap.dedent("""
