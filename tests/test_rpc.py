@@ -753,3 +753,36 @@ def test_a_host_that_vanishes_mid_answer_ends_chat_with_one_line(model, servers,
                          f"from rpc-server {proxy.endpoint} for 2 s, and a new connection is refused. Start the "
                          "rpc-server again and rerun"), lines
     assert not any("Traceback" in line for line in lines)
+
+
+@needs_rpc
+def test_a_host_that_vanishes_under_serve_is_a_503_naming_it(model, servers, endless):
+    """The same under `serve --rpc`: the stream in flight ends with an error event, /health answers
+    503 with the reason (the host, no answer), and the front stays up."""
+    import openai
+    from helpers.serving import Server, user
+
+    proxy = StallProxy(servers[1].port)
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="200", MS4LOCAL_RPC_STALL="2")
+    srv = Server(model, "--rpc", f"{servers[0].endpoint},{proxy.endpoint}", "-c", "4096", env=env)
+    try:
+        client = srv.client()
+        name = Path(model).name.removesuffix(".gguf")
+        stream = client.chat.completions.create(model=name, messages=user("Raconte"), max_tokens=3000, stream=True,
+                                                extra_body=endless)
+        chunks = iter(stream)
+        next(chunks), next(chunks)  # the answer is streaming
+        proxy.vanish()
+        gone = time.monotonic()
+        with pytest.raises(openai.APIError, match=f"lost rpc-server {proxy.endpoint}"):
+            for _ in chunks:
+                pass
+        assert time.monotonic() - gone < 30
+        status, _, body = srv.get("/health")
+        assert status == 503 and body["status"] == "unavailable", body
+        assert f"no answer from rpc-server {proxy.endpoint} for 2 s" in body["reason"], body
+        assert srv.proc.poll() is None  # the front is up
+        assert srv.terminate() == 0
+    finally:
+        srv.kill()
+        proxy.close()
