@@ -163,8 +163,10 @@ def main() -> None:
     lines += [
         "",
         f"The machine's 5-minute load average at the end was {load:.1f} on {os.cpu_count()} cores (other jobs "
-        "shared it): single runs vary by ±20%, and the medians are the figures. " +
-        "A ratio above 1 is no gain from RPC: on a shared machine the server process and the client are two runnable processes and get a larger share of the cores than one local process; what the table shows is that the protocol costs less than that noise on loopback.",
+        "shared it): single runs vary by ±20%, and the medians are the figures. A ratio above 1 is no gain from "
+        "RPC: on a shared machine the server process and the client are two runnable processes and get a larger "
+        "share of the cores than one local process; what the table shows is that the protocol costs less than "
+        "that noise on loopback.",
         "",
         "What the ratios mean: on loopback the link is free, so the loss is the protocol's own work (each graph "
         "split is a round trip; the activations are serialised into and out of the server; the server's "

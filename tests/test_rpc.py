@@ -670,7 +670,8 @@ def test_an_endpoint_that_accepts_and_never_answers_is_one_line_within_seconds(c
     service) would leave llama.cpp in recv for good; the probe's timeout names it."""
     fake = FakeServer(lambda conn: time.sleep(30))
     try:
-        args = [MS4LOCAL, command, str(model), "--rpc", f"127.0.0.1:{fake.port}"] + (["-p", "hi"] if command == "chat" else [])
+        args = [MS4LOCAL, command, str(model), "--rpc", f"127.0.0.1:{fake.port}"]
+        args += ["-p", "hi"] if command == "chat" else []
         started = time.monotonic()
         r = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=60)
     finally:
