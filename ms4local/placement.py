@@ -323,6 +323,20 @@ class SpreadPlan:
         return rules
 
 
+def order_targets(local: list[tuple[str, int]], remote: list[tuple[str, str, int]], *,
+                  vram: int | None = None, headroom: int = DEFAULT_HEADROOM) -> list[Target]:
+    """The devices of a plan across hosts, main first: this machine's GPUs (name, free bytes), then
+    the rpc-servers' devices (name, HOST:PORT, free bytes) in --rpc order.
+
+    The main device is the first local GPU when there is one, else the first remote device
+    (`engine.devices.rpc_targets` says why). Each budget is its free memory less `headroom`;
+    `vram` replaces the main device's free memory.
+    """
+    cands = [(name, "local", free) for name, free in local] + list(remote)
+    return [Target(name, host, free, max((vram if i == 0 and vram is not None else free) - headroom, 0))
+            for i, (name, host, free) in enumerate(cands)]
+
+
 def _blocks_rule(blocks: Iterable[int], n_layer: int) -> str:
     """One regex for the routed experts of `blocks` (all blocks: the bare expert regex)."""
     idx = sorted(set(blocks))

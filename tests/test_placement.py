@@ -16,8 +16,8 @@ from gguf import GGUFReader
 from helpers.ggufs import write_real_sized_header
 from ms4local.errors import ModelLoadError, PlacementError
 from ms4local.gguf_model import read_model
-from ms4local.placement import (EXPERTS_REGEX, GiB, MiB, Target, compute_allowance, expert_overrides, kv_cache_bytes, plan,
-                                plan_across)
+from ms4local.placement import (EXPERTS_REGEX, GiB, MiB, Target, compute_allowance, expert_overrides, kv_cache_bytes,
+                                order_targets, plan, plan_across)
 from quantize import convert
 
 EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
@@ -275,3 +275,15 @@ def test_plan_across_hosts_that_do_not_fit_is_one_line_with_the_sizes(tiny):
     assert msg.startswith(f"{tiny.name} does not fit: {total / MiB:.1f} MiB to place, CUDA0 0.0 MiB of 0.0 MiB, "
                           f"and the {total / MiB:.1f} MiB left for the CPU exceed its 0.0 MiB of free RAM")
     plan_across(info, [main], n_ctx=256, reserve=1000, ram=total)  # exactly enough RAM: fits
+
+
+def test_the_main_device_is_a_local_gpu_else_the_first_rpc_server():
+    remote = [("RPC0[10.0.0.2:50052]", "10.0.0.2:50052", 8 * GiB), ("RPC0[10.0.0.3:50052]", "10.0.0.3:50052", 16 * GiB)]
+    t = order_targets([("CUDA0", 4 * GiB), ("CUDA1", 2 * GiB)], remote, vram=6 * GiB, headroom=GiB)
+    assert [(x.device, x.host) for x in t] == [("CUDA0", "local"), ("CUDA1", "local"),
+                                               ("RPC0[10.0.0.2:50052]", "10.0.0.2:50052"),
+                                               ("RPC0[10.0.0.3:50052]", "10.0.0.3:50052")]
+    assert [x.budget for x in t] == [5 * GiB, 1 * GiB, 7 * GiB, 15 * GiB]  # --vram is the main device's only
+    t = order_targets([], remote, headroom=GiB)
+    assert t[0].device == "RPC0[10.0.0.2:50052]" and [x.budget for x in t] == [7 * GiB, 15 * GiB]
+    assert order_targets([], [("RPC0[a:1]", "a:1", GiB // 2)], headroom=GiB)[0].budget == 0

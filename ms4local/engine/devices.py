@@ -16,7 +16,8 @@ from typing import Any
 
 from ..errors import ModelLoadError, OptionsError
 from ..gguf_model import ModelInfo, read_model
-from ..placement import DEFAULT_HEADROOM, EXPERTS_REGEX, Plan, SpreadPlan, Target, expert_overrides, plan, plan_across
+from ..placement import (DEFAULT_HEADROOM, EXPERTS_REGEX, Plan, SpreadPlan, Target, expert_overrides, order_targets, plan,
+                         plan_across)
 from .library import ggml_fn, llama
 from ..system import free_ram
 from ..rpc import RemoteServer
@@ -264,16 +265,10 @@ def rpc_targets(opts: EngineOptions, servers: list[RemoteServer]) -> tuple[list[
     buft_name = ggml_fn("ggml_backend_buft_name", ctypes.c_char_p, ctypes.c_void_p)
     local = [((buft_name(buft(h)) or b"?").decode(), _device(h).free) for h in _local_offload_handles()]
     remote = [(f"RPC{d.index}[{s.endpoint}]", str(s.endpoint), d.free) for s in servers for d in s.devices]
-    order = [name for name, _, _ in remote] + [name for name, _ in local]
-    cands = [(name, "local", free) for name, free in local] + remote
-    if not cands:
+    targets = order_targets(local, remote, vram=opts.vram)
+    if not targets:
         raise OptionsError("--fit with --rpc needs at least one device: the rpc-servers shared none")
-
-    def budget(i: int, free: int) -> int:
-        memory = opts.vram if i == 0 and opts.vram is not None else free
-        return max(memory - DEFAULT_HEADROOM, 0)
-
-    return [Target(name, host, free, budget(i, free)) for i, (name, host, free) in enumerate(cands)], order
+    return targets, [name for name, _, _ in remote] + [name for name, _ in local]
 
 
 def rpc_plan(info: ModelInfo, opts: EngineOptions, servers: list[RemoteServer]) -> tuple[SpreadPlan, list[str]]:
