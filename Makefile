@@ -90,6 +90,13 @@ bench-quantize: install
 bench-chat: install
 	$(PY) bench/chat_bench.py
 
+# Prefill and decode t/s of one generated GGUF local vs one and two loopback rpc-servers: the cost of
+# llama.cpp's RPC protocol (a few minutes on 2 cores). Writes bench/results/rpc.md.
+.PHONY: bench-rpc
+
+bench-rpc: install
+	$(PY) bench/rpc_bench.py
+
 # Every quant type of a generated Mistral-Small-4-shaped checkpoint (~70 M parameters): size and KL
 # divergence vs F32 with `ms4local eval`'s code (a few minutes on 2 cores; needs matplotlib, the `bench`
 # extra). Writes bench/results/README.md (with the other benchmarks' tables) and the size-vs-KLD PNG.

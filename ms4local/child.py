@@ -9,6 +9,14 @@ stdout, and Python's stderr through a duplicate of fd 2) while its C-level stder
 with GGML_NO_BACKTRACE set. When the child dies of a signal, `death_message` reads llama.cpp's
 last words from that file and probes the endpoints again to name the one that is gone.
 
+A host that vanishes (off the network, packets dropped) is not a closed port: llama.cpp then waits
+in recv for as long as TCP keeps the connection (many minutes). `Watchdog` watches the child's
+threads for one that sits at the same place in the engine's code for `MS4LOCAL_RPC_STALL` seconds
+(default 30), and then tries a new TCP connection to each rpc-server: a server busy with a long
+batch still accepts one (its kernel does), a vanished host does not. Then the child ends itself
+(SIGKILL, after a line for `last_words`), so `chat` prints one line naming the host and `serve`'s
+front answers 503 with it until the host is back.
+
     python -m ms4local.child CALL_FD STDERR_FD     the child's entry point (started by `Child`)
 """
 
@@ -18,16 +26,21 @@ import importlib
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from .errors import RpcError
-from .rpc import Endpoint, probe
+from .rpc import Endpoint, parse_endpoints, probe
 
 CHILD_ENV = "MS4LOCAL_RPC_CHILD"  # set in the child: run the command itself, do not start another child
+STALL_ENV = "MS4LOCAL_RPC_STALL"  # seconds without progress in the engine before the rpc-servers are checked
+STALL_SECONDS = 30.0
 RERUN = "Start the rpc-server again and rerun"
 
 
@@ -135,6 +148,72 @@ def death_message(signum: int, words: str, endpoints: list[Endpoint], advice: st
     return f"the engine stopped{said}; the rpc-servers ({servers}) answer now"
 
 
+def reachable(ep: Endpoint, timeout: float = 3.0) -> str | None:
+    """None when a new TCP connection to `ep` opens; else why not. Only the connection: a server
+    busy with this process's own session accepts it but does not answer before that session ends."""
+    try:
+        addr = socket.getaddrinfo(ep.host, ep.port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+        with socket.create_connection(addr, timeout=timeout):
+            return None
+    except socket.timeout:
+        return f"a new connection gets no answer within {timeout:g} s"
+    except ConnectionRefusedError:
+        return "a new connection is refused"
+    except OSError as e:
+        return f"a new connection fails: {e.strerror or e}"
+
+
+class Watchdog(threading.Thread):
+    """Ends this (child) process when an engine call has not moved for `seconds` and an rpc-server
+    no longer takes a connection (see the module's docstring)."""
+
+    def __init__(self, endpoints: list[Endpoint], seconds: float) -> None:
+        super().__init__(name="ms4local-rpc-watchdog", daemon=True)
+        self.endpoints, self.seconds = endpoints, seconds
+
+    def stuck(self, seen: dict[int, tuple[tuple[int, int], float]], now: float) -> bool:
+        """Whether a thread has been at one place in the engine (a llama.cpp call) for `seconds`."""
+        found = False
+        frames = sys._current_frames()
+        for tid in list(seen):
+            if tid not in frames:
+                del seen[tid]
+        for tid, frame in frames.items():
+            where = frame.f_code.co_filename.replace(os.sep, "/")
+            if tid == self.ident or not ("/ms4local/engine/" in where or "/llama_cpp/" in where):
+                seen.pop(tid, None)
+                continue
+            key = (id(frame), frame.f_lasti)
+            if tid not in seen or seen[tid][0] != key:
+                seen[tid] = (key, now)
+            elif now - seen[tid][1] >= self.seconds:
+                found = True
+                seen[tid] = (key, now)  # checked: the next check after another `seconds`
+        return found
+
+    def run(self) -> None:
+        seen: dict[int, tuple[tuple[int, int], float]] = {}
+        while True:
+            time.sleep(min(1.0, self.seconds / 4))
+            if not self.stuck(seen, time.monotonic()):
+                continue
+            for ep in self.endpoints:
+                why = reachable(ep)
+                if why is not None:
+                    # fd 2 is the C stderr file that `Child.words` reads: one line in llama.cpp's form
+                    os.write(2, f"\nms4local/child.py:0: no answer from rpc-server {ep} for {self.seconds:g} s, "
+                                f"and {why}\n".encode())
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stall_seconds() -> float:
+    """The watchdog's patience: MS4LOCAL_RPC_STALL seconds (0 turns it off), default STALL_SECONDS."""
+    try:
+        return max(float(os.environ.get(STALL_ENV, STALL_SECONDS)), 0.0)
+    except ValueError:
+        return STALL_SECONDS
+
+
 def _die_with_parent() -> None:
     """Linux: the kernel sends SIGTERM to the child when the parent dies (e.g. by SIGKILL)."""
     if sys.platform.startswith("linux"):
@@ -153,6 +232,9 @@ def _child_main(call_fd: int, term_fd: int) -> int:
     with open(call_fd, "rb") as f:
         module, name, kwargs = pickle.loads(f.read())
     func = getattr(importlib.import_module(module), name)
+    endpoints = parse_endpoints(kwargs.get("rpc") or [])
+    if endpoints and stall_seconds() > 0:
+        Watchdog(endpoints, stall_seconds()).start()
     try:
         func(**kwargs)
     except KeyboardInterrupt:

@@ -23,6 +23,11 @@ class OptionsError(Ms4localError):
     """Engine options that cannot work: a malformed value, or a combination llama.cpp would refuse."""
 
 
+class PlacementError(ModelLoadError):
+    """A model that does not fit the memory of every device and host given, together (`--fit`):
+    it could not load, and the sizes say why before llama.cpp allocates anything."""
+
+
 class EvalError(Ms4localError):
     """An evaluation that cannot run as asked: a text too short for the context, no text at all."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from quantize.gguf_header import TensorInfo
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, PlacementError
 from .gguf_model import ModelInfo
 
 MiB = 1 << 20
@@ -254,3 +254,166 @@ def plan(model: ModelInfo, *, budget: int, n_ctx: int, type_k: str = "f16", type
     add("compute buffers (estimate)", "GPU", comp)
     return Plan(device=device, budget=budget, n_layer=n, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe,
                 kv_bytes=kv_layer * len(gpu_idx), compute_bytes=comp, rows=tuple(rows))
+
+
+# ----------------------------------------------------------------------------- across hosts (--rpc --fit)
+@dataclass(frozen=True)
+class Target:
+    """One device a plan across hosts may put tensors on."""
+
+    device: str  # the buffer type an -ot rule names: CUDA0, RPC0[10.0.0.2:50052] …
+    host: str  # "local", or the rpc-server's HOST:PORT
+    free: int  # bytes the device reports free
+    budget: int  # bytes the plan may use there (free - headroom, or --vram - headroom on the main device)
+
+
+@dataclass(frozen=True)
+class HostRow:
+    """One line of a plan across hosts: what goes to which device of which host, and its size."""
+
+    host: str
+    device: str
+    free: int | None  # the device's free memory (None: RAM of unknown size)
+    what: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SpreadPlan:
+    """`--fit` across hosts: one main device for every block's dense part, routed experts spread.
+
+    In llama.cpp's terms: -ngl `n_gpu_layers` with a tensor split that gives every layer to the main
+    device (`split`, one share per device in llama.cpp's order), and -ot rules that send blocks'
+    routed experts to the other devices or keep them in RAM (`overrides`).
+    """
+
+    main: Plan  # the one-device plan of the main device (what it holds, -ngl)
+    targets: tuple[Target, ...]  # targets[0] is the main device
+    experts: tuple[tuple[int, ...], ...]  # blocks whose routed experts each target holds
+    cpu_experts: tuple[int, ...]  # blocks whose routed experts stay in RAM
+    rows: tuple[HostRow, ...]
+    ram: int | None = None  # RAM the CPU part was checked against (None: not checked)
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return self.main.n_gpu_layers
+
+    @property
+    def cpu_bytes(self) -> int:
+        return sum(r.nbytes for r in self.rows if r.device == "CPU")
+
+    def device_bytes(self, device: str) -> int:
+        return sum(r.nbytes for r in self.rows if r.device == device)
+
+    def split(self, order: list[str]) -> list[float]:
+        """-ts for llama.cpp's device order (device names as in `Target.device`): all to the main one."""
+        return [1.0 if name == self.targets[0].device else 0.0 for name in order]
+
+    @property
+    def overrides(self) -> list[str]:
+        """The -ot rules, in the order llama.cpp tries them (the first match wins): experts to each
+        other device, then those left for RAM. The main device's experts need no rule: they follow
+        their block there."""
+        n = self.main.n_layer
+        rules = [_blocks_rule(blocks, n) + "=" + t.device
+                 for t, blocks in zip(self.targets[1:], self.experts[1:]) if blocks]
+        if self.cpu_experts:
+            on_main = bool(self.experts[0])
+            rules.append((_blocks_rule(self.cpu_experts, n) if on_main else EXPERTS_REGEX) + "=CPU")
+        return rules
+
+
+def order_targets(local: list[tuple[str, int]], remote: list[tuple[str, str, int]], *,
+                  vram: int | None = None, headroom: int = DEFAULT_HEADROOM) -> list[Target]:
+    """The devices of a plan across hosts, main first: this machine's GPUs (name, free bytes), then
+    the rpc-servers' devices (name, HOST:PORT, free bytes) in --rpc order.
+
+    The main device is the first local GPU when there is one, else the first remote device
+    (`engine.devices.rpc_targets` says why). Each budget is its free memory less `headroom`;
+    `vram` replaces the main device's free memory.
+    """
+    cands = [(name, "local", free) for name, free in local] + list(remote)
+    return [Target(name, host, free, max((vram if i == 0 and vram is not None else free) - headroom, 0))
+            for i, (name, host, free) in enumerate(cands)]
+
+
+def _blocks_rule(blocks: Iterable[int], n_layer: int) -> str:
+    """One regex for the routed experts of `blocks` (all blocks: the bare expert regex)."""
+    idx = sorted(set(blocks))
+    if len(idx) >= n_layer:
+        return EXPERTS_REGEX
+    return r"blk\.(" + "|".join(map(str, idx)) + ")" + EXPERTS_REGEX
+
+
+def _span(idx: Iterable[int]) -> str:
+    s = sorted(idx)
+    if not s:
+        return "no blocks"
+    if s == list(range(s[0], s[-1] + 1)):
+        return f"block {s[0]}" if len(s) == 1 else f"blocks {s[0]}–{s[-1]}"
+    return "blocks " + ", ".join(map(str, s))
+
+
+def plan_across(model: ModelInfo, targets: list[Target], *, n_ctx: int, type_k: str = "f16", type_v: str = "f16",
+                n_ubatch: int = 512, flash_attn: str = "auto", reserve: int | None = None,
+                ram: int | None = None) -> SpreadPlan:
+    """Plan a model over several devices on several hosts; `targets[0]` is the main device.
+
+    The main device gets what `plan` gives one GPU: the output layer, every block's attention,
+    norms, router and shared expert with its KV cache (they run for every token, and a block split
+    across hosts would send its activations over the network in the middle of the block), and then
+    as many blocks' routed experts as fit, from the last block down. The routed experts of the
+    other blocks go to the other targets in their order, from the highest block down, as many
+    whole blocks as each one's budget holds after a compute allowance of its own (1 MiB per token
+    of the micro-batch: the expert matmuls of one layer run there); what is left stays in RAM.
+    `ram` (bytes) checks that rest: a model that does not fit is a PlacementError naming every
+    size, before a byte is loaded. Pure: the sizes come from the header, the memory from the caller.
+    """
+    if not targets:
+        raise ModelLoadError("no device to plan for")
+    n = model.n_layer
+    main = plan(model, budget=targets[0].budget, n_ctx=n_ctx, type_k=type_k, type_v=type_v, n_ubatch=n_ubatch,
+                flash_attn=flash_attn, reserve=reserve, device=targets[0].device)
+    layers = _classify(model.tensors, n)[0]
+    on_main = range(max(main.n_cpu_moe, n + 1 - main.n_gpu_layers), n)  # blocks whose experts the main device holds
+    main_blocks = tuple(i for i in on_main if layers[i].experts)
+    left = [i for i in range(n - 1, -1, -1) if layers[i].experts and i not in on_main]  # highest first
+    taken: list[tuple[int, ...]] = [main_blocks]
+    side_reserve = n_ubatch * MiB
+    for t in targets[1:]:
+        room = t.budget - side_reserve
+        mine: list[int] = []
+        while left and layers[left[0]].experts <= room:
+            room -= layers[left[0]].experts
+            mine.append(left.pop(0))
+        taken.append(tuple(sorted(mine)))
+    cpu_experts = tuple(sorted(left))
+
+    rows: list[HostRow] = []
+    m = targets[0]
+    for r in main.rows:
+        if r.device == "GPU":
+            rows.append(HostRow(m.host, m.device, m.free, r.what, r.nbytes))
+    for t, blocks in zip(targets[1:], taken[1:]):
+        if blocks:
+            rows.append(HostRow(t.host, t.device, t.free, f"routed experts ({_span(blocks)})",
+                                sum(layers[i].experts for i in blocks)))
+            rows.append(HostRow(t.host, t.device, t.free, "compute buffers (estimate)", side_reserve))
+    for r in main.rows:
+        if r.device == "CPU" and not r.what.startswith("routed experts"):
+            rows.append(HostRow("local", "CPU", ram, r.what, r.nbytes))
+    if cpu_experts:
+        rows.append(HostRow("local", "CPU", ram, f"routed experts ({_span(cpu_experts)})",
+                            sum(layers[i].experts for i in cpu_experts)))
+    spread = SpreadPlan(main=main, targets=tuple(targets), experts=tuple(taken), cpu_experts=cpu_experts,
+                        rows=tuple(rows), ram=ram)
+    if ram is not None and spread.cpu_bytes > ram:
+        used = ", ".join(f"{t.device} {_gib(spread.device_bytes(t.device))} of {_gib(t.budget)}" for t in targets)
+        raise PlacementError(f"{model.path.name} does not fit: {_gib(sum(r.nbytes for r in rows))} to place, "
+                             f"{used}, and the {_gib(spread.cpu_bytes)} left for the CPU exceed its "
+                             f"{_gib(ram)} of free RAM; add a host (--rpc) or use a smaller quantization")
+    return spread
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"

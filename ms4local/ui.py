@@ -17,11 +17,12 @@ from rich.segment import Segment
 from rich.text import Text
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
     from .evaluate import EvalResult
-    from .placement import Plan
+    from .placement import Plan, SpreadPlan
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -146,6 +147,24 @@ def placement_table(plan: Plan, *, applied: bool = True) -> Table:
         table.add_row(row.what, row.device, str(row.tensors) if row.tensors else "", human_bytes(row.nbytes))
     table.caption = (f"GPU {human_bytes(plan.gpu_bytes)} of {human_bytes(plan.budget)} · "
                      f"RAM {human_bytes(plan.cpu_bytes)}")
+    return table
+
+
+def spread_table(spread: SpreadPlan) -> Table:
+    """The --fit plan across hosts, one row per host, device and part, with the -ot rules it becomes."""
+    main = spread.targets[0]
+    title = (f"--fit placement across hosts: every block's attention, norms, router and shared expert on {main.device} "
+             f"({main.host}), routed experts spread; -ngl {spread.n_gpu_layers}")
+    table = Table(title=escape(title), header_style="bold")
+    for col in ("host", "device", "free", "what", "size"):
+        table.add_column(col, justify="right" if col in ("free", "size") else "left")
+    for row in spread.rows:
+        table.add_row(escape(row.host), escape(row.device), "–" if row.free is None else human_bytes(row.free),
+                      escape(row.what), human_bytes(row.nbytes))
+    per = [f"{t.device} {human_bytes(spread.device_bytes(t.device))} of {human_bytes(t.budget)}"
+           for t in spread.targets if spread.device_bytes(t.device)]
+    rules = ("\n-ot " + " -ot ".join(f"'{r}'" for r in spread.overrides)) if spread.overrides else ""
+    table.caption = escape(" · ".join(per + [f"RAM {human_bytes(spread.cpu_bytes)}"]) + rules)
     return table
 
 

@@ -7,15 +7,17 @@ ms4local.placement's reader or classification, so a wrong size or a misfiled ten
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from gguf import GGUFReader
 
 from helpers.ggufs import write_real_sized_header
-from ms4local.errors import ModelLoadError
+from ms4local.errors import ModelLoadError, PlacementError
 from ms4local.gguf_model import read_model
-from ms4local.placement import EXPERTS_REGEX, GiB, MiB, compute_allowance, expert_overrides, kv_cache_bytes, plan
+from ms4local.placement import (EXPERTS_REGEX, GiB, MiB, Target, compute_allowance, expert_overrides, kv_cache_bytes,
+                                order_targets, plan, plan_across)
 from quantize import convert
 
 EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
@@ -198,3 +200,90 @@ def test_kv_cache_and_compute_estimates(tiny):
     heads = 2
     assert compute_allowance(info, n_ctx=4096, n_ubatch=512, flash_attn="on") == 512 * MiB
     assert compute_allowance(info, n_ctx=4096, n_ubatch=512, flash_attn="off") == 512 * MiB + heads * 4096 * 512 * 4
+
+
+# ----------------------------------------------------------------------------- across hosts (--rpc --fit)
+def where(rules: list[str], names: list[str], main: str) -> dict[str, str]:
+    """Each routed expert tensor's device as llama.cpp reads -ot rules (the first regex_search match
+    wins; no match: its block's device, the main one here)."""
+    out = {}
+    for name in names:
+        if not EXPERT.match(name):
+            continue
+        hit = next((rule.rsplit("=", 1)[1] for rule in rules if re.search(rule.rsplit("=", 1)[0], name)), None)
+        out[name] = hit or main
+    return out
+
+
+def test_plan_across_hosts_spreads_experts_from_the_last_block_down(tiny):
+    """Main: the dense part of every block and what experts it holds; then each other device takes
+    whole blocks' experts from the highest block left; the rest stays in RAM."""
+    ref = reference(tiny)
+    info = read_model(tiny)
+    n, n_ctx, reserve, ub = ref["n"], 256, 1000, 1
+    kv = n_ctx * ref["row"] * 2
+    names = list(ref["sizes"])
+    dense_all = ref["out"] + sum(ref["dense"]) + n * kv + reserve
+    side = ub * MiB  # each other device's compute allowance
+    e = ref["experts"]
+    assert all(e) and len(set(e)) == 1  # every block of the tiny model has the same expert stack
+    # The main device holds the dense part and block 3's experts; RPC-A holds two blocks, RPC-B one.
+    main = Target("CUDA0", "local", 10 * GiB, dense_all + max(ref["biggest"][:3]) + e[3])
+    a = Target("RPC0[10.0.0.2:50052]", "10.0.0.2:50052", 5 * GiB, side + e[2] + e[1] + e[0] // 2)
+    b = Target("RPC0[10.0.0.3:50052]", "10.0.0.3:50052", 5 * GiB, side + e[0])
+    p = plan_across(info, [main, a, b], n_ctx=n_ctx, reserve=reserve, n_ubatch=ub, ram=GiB)
+    assert p.n_gpu_layers == n + 1 and p.main.n_cpu_moe == 3
+    assert p.experts == ((3,), (1, 2), (0,)) and p.cpu_experts == ()
+    expect = {name: {3: "CUDA0", 2: a.device, 1: a.device, 0: b.device}[int(EXPERT.match(name)[1])]
+              for name in names if EXPERT.match(name)}
+    assert where(p.overrides, names, "CUDA0") == expect
+    assert p.split(["RPC0[10.0.0.2:50052]", "RPC0[10.0.0.3:50052]", "CUDA0"]) == [0.0, 0.0, 1.0]
+    assert p.device_bytes(a.device) == e[1] + e[2] + side and p.device_bytes(b.device) == e[0] + side
+    assert p.cpu_bytes == ref["embd"]
+    # One byte less on B: block 0's experts stay in RAM, named by block (block 3's stay on the main).
+    p = plan_across(info, [main, a, replace(b, budget=b.budget - 1)], n_ctx=n_ctx, reserve=reserve, n_ubatch=ub)
+    assert p.experts == ((3,), (1, 2), ()) and p.cpu_experts == (0,)
+    expect = {**expect, **{name: "CPU" for name in expect if int(EXPERT.match(name)[1]) == 0}}
+    assert where(p.overrides, names, "CUDA0") == expect
+    assert p.cpu_bytes == ref["embd"] + e[0]
+    assert sum(r.nbytes for r in p.rows) == sum(ref["sizes"].values()) + n * kv + reserve + max(ref["biggest"][:3]) + side
+
+
+def test_plan_across_hosts_with_a_main_device_too_small_for_anything(tiny):
+    """Nothing fits the main device: every block stays on the CPU (-ngl 0) and the experts still go
+    to the device that has room; one general rule names them all."""
+    ref = reference(tiny)
+    info = read_model(tiny)
+    names = list(ref["sizes"])
+    other = Target("RPC0[127.0.0.1:2]", "127.0.0.1:2", GiB, GiB)
+    p = plan_across(info, [Target("RPC0[127.0.0.1:1]", "127.0.0.1:1", 0, 0), other], n_ctx=256, reserve=1000,
+                    n_ubatch=1)
+    assert p.n_gpu_layers == 0 and p.experts[1] == tuple(range(ref["n"]))
+    assert p.overrides == [EXPERTS_REGEX + "=" + other.device]
+    assert set(where(p.overrides, names, "-").values()) == {other.device}
+
+
+def test_plan_across_hosts_that_do_not_fit_is_one_line_with_the_sizes(tiny):
+    ref = reference(tiny)
+    info = read_model(tiny)
+    main = Target("CUDA0", "local", 0, 0)
+    with pytest.raises(PlacementError) as err:
+        plan_across(info, [main], n_ctx=256, reserve=1000, ram=10_000)
+    msg = str(err.value)
+    assert "\n" not in msg
+    total = sum(ref["sizes"].values()) + ref["n"] * 256 * ref["row"] * 2
+    assert msg.startswith(f"{tiny.name} does not fit: {total / MiB:.1f} MiB to place, CUDA0 0.0 MiB of 0.0 MiB, "
+                          f"and the {total / MiB:.1f} MiB left for the CPU exceed its 0.0 MiB of free RAM")
+    plan_across(info, [main], n_ctx=256, reserve=1000, ram=total)  # exactly enough RAM: fits
+
+
+def test_the_main_device_is_a_local_gpu_else_the_first_rpc_server():
+    remote = [("RPC0[10.0.0.2:50052]", "10.0.0.2:50052", 8 * GiB), ("RPC0[10.0.0.3:50052]", "10.0.0.3:50052", 16 * GiB)]
+    t = order_targets([("CUDA0", 4 * GiB), ("CUDA1", 2 * GiB)], remote, vram=6 * GiB, headroom=GiB)
+    assert [(x.device, x.host) for x in t] == [("CUDA0", "local"), ("CUDA1", "local"),
+                                               ("RPC0[10.0.0.2:50052]", "10.0.0.2:50052"),
+                                               ("RPC0[10.0.0.3:50052]", "10.0.0.3:50052")]
+    assert [x.budget for x in t] == [5 * GiB, 1 * GiB, 7 * GiB, 15 * GiB]  # --vram is the main device's only
+    t = order_targets([], remote, headroom=GiB)
+    assert t[0].device == "RPC0[10.0.0.2:50052]" and [x.budget for x in t] == [7 * GiB, 15 * GiB]
+    assert order_targets([], [("RPC0[a:1]", "a:1", GiB // 2)], headroom=GiB)[0].budget == 0

@@ -63,8 +63,9 @@ def test_malformed_endpoints_are_options_errors(value, says):
 
 def test_engine_options_check_rpc_and_tensor_split():
     EngineOptions(rpc=["127.0.0.1:50052"], tensor_split=[3, 1]).check()
-    with pytest.raises(OptionsError, match="--fit plans for one local GPU"):
-        EngineOptions(rpc=["127.0.0.1:50052"], fit=True).check()
+    EngineOptions(rpc=["127.0.0.1:50052"], fit=True, vram=2**30).check()  # --fit plans across the hosts
+    with pytest.raises(OptionsError, match="--fit chooses -ngl"):
+        EngineOptions(rpc=["127.0.0.1:50052"], fit=True, tensor_split=[1, 1]).check()
     with pytest.raises(OptionsError, match="at least one above 0"):
         EngineOptions(tensor_split=[0, 0]).check()
     with pytest.raises(OptionsError, match="at most 16"):
@@ -480,3 +481,309 @@ def test_eval_through_rpc_scores_as_a_local_eval(model, servers, cli_env):
     assert local.returncode == 0 and remote.returncode == 0, remote.stderr
     a, b = json.loads(local.stdout)["perplexity"], json.loads(remote.stdout)["perplexity"]
     assert abs(a - b) <= 1e-4 * a, (a, b)
+
+
+# ----------------------------------------------------------------------------- --fit across hosts
+def fit_vram(model) -> tuple[int, dict]:
+    """A --vram for the first server that holds the output layer, every block's dense part, its KV
+    cache and the compute allowance of ms4local/placement.py (-c 256 -ub 16, flash attention auto:
+    16 MiB + heads × 256 cells × 16 × 4 bytes, plus one expert stack) but no block's routed experts:
+    these must go to the second server. Sizes from gguf-py's reader."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(model)
+    field = lambda key: int(r.fields[f"mistral4.{key}"].parts[-1][0])  # noqa: E731
+    n, heads = field("block_count"), field("attention.head_count")
+    row = field("attention.kv_lora_rank") + field("rope.dimension_count")
+    expert = re.compile(r"^blk\.\d+\.ffn_(gate|up|down|gate_up)_exps\.")
+    sizes = {t.name: int(t.n_bytes) for t in r.tensors}
+    experts = sum(s for k, s in sizes.items() if expert.match(k))
+    embd = sizes["token_embd.weight"]
+    dense = sum(sizes.values()) - experts - embd
+    biggest = max(s for k, s in sizes.items() if expert.match(k))
+    need = dense + n * 256 * row * 2 + 16 * 2**20 + heads * 256 * 16 * 4 + biggest
+    return 2**30 + need + experts // n // 2, {"dense": dense, "experts": experts, "embd": embd}
+
+
+FIT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from ms4local import Engine, EngineOptions
+    from ms4local import engine as eng
+
+    model, vram, endpoints = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    text = "Bonjour le monde, ceci est un essai de RPC."
+
+    def run(**kw):
+        mark = eng.log_mark()
+        with Engine(model, EngineOptions(ctx_size=256, ubatch_size=16, logits_all=True, **kw)) as e:
+            ids = e.tokenize(text, add_special=True)
+            sp = e.placement.spread
+            plan = sp and {t.device: sp.device_bytes(t.device) for t in sp.targets}
+            return e.logits(ids), eng.log_text(mark), plan
+
+    before, _, _ = run()
+    remote, log, plan = run(rpc=endpoints, fit=True, vram=vram)
+    print(json.dumps({"scale": float(np.max(np.abs(remote - before)) / np.max(np.abs(before))), "log": log,
+                      "plan": plan}))
+""")
+
+
+def model_buffers(log: str) -> dict[str, float]:
+    return {line.split("model buffer size")[0].split(":", 1)[1].strip(): float(line.split("=")[1].split()[0])
+            for line in log.splitlines() if "model buffer size" in line}
+
+
+@needs_rpc
+def test_fit_across_two_rpc_servers_plans_what_llama_cpp_then_loads(model, servers, cli_env, tmp_path):
+    """`info --rpc A,B --fit` prints a plan with tensors on both servers (every block's dense part
+    on A, whose --vram leaves no room for experts; the routed experts on B); an engine with
+    `--rpc --fit` loads exactly that (llama.cpp's own buffer sizes) and its logits equal a local run's."""
+    vram, size = fit_vram(model)
+    a, b = (f"RPC0[{s.endpoint}]" for s in servers)
+    eps = ",".join(s.endpoint for s in servers)
+    r = subprocess.run([MS4LOCAL, "info", str(model), "--rpc", eps, "--fit", "--vram", str(vram), "-c", "256", "-ub",
+                        "16", "--json"], env=cli_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)["rpc_plan"]
+    assert shown["main"] == a and shown["experts"] == {a: [], b: [0, 1]} and shown["cpu_experts"] == []
+    assert shown["overrides"] == [r"\.ffn_(up|down|gate|gate_up)_exps=" + b]
+    r = subprocess.run([MS4LOCAL, "info", str(model), "--rpc", eps, "--fit", "--vram", str(vram), "-c", "256", "-ub",
+                        "16"], env=cli_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    table = r.stdout[r.stdout.index("--fit placement across hosts"):]
+    assert re.search(rf"{re.escape(servers[0].endpoint)} .*attention, norms, router", table)
+    assert re.search(rf"{re.escape(servers[1].endpoint)} .*routed experts \(blocks 0–1\)", table)
+
+    script = tmp_path / "fit.py"
+    script.write_text(FIT)
+    r = subprocess.run([str(BIN / "python"), str(script), str(model), str(vram)] + [s.endpoint for s in servers],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["scale"] <= 1e-3, out["scale"]
+    loaded = model_buffers(out["log"])
+    mib = 2**20
+    assert set(loaded) == {"CPU_Mapped", a, b}, loaded
+    assert abs(loaded[a] - size["dense"] / mib) < 0.01 and abs(loaded[b] - size["experts"] / mib) < 0.01, (loaded, size)
+    assert abs(loaded["CPU_Mapped"] - size["embd"] / mib) < 0.01
+    rows = {d: sum(x["nbytes"] for x in shown["rows"] if x["device"] == d) for d in (a, b)}
+    assert out["plan"][a] == rows[a] and out["plan"][b] == rows[b]  # the plan info printed is the one applied
+
+
+@needs_rpc
+def test_chat_and_eval_with_fit_across_rpc_servers_answer_like_local_runs(model, servers, cli_env):
+    vram, _ = fit_vram(model)
+    args = ["-c", "256", "-ub", "16", "--temp", "0", "-p", "Bonjour", "-n", "12", "--json"]
+    remote = subprocess.run([MS4LOCAL, "chat", str(model), "--rpc", ",".join(s.endpoint for s in servers), "--fit",
+                             "--vram", str(vram), *args], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0, remote.stderr
+    assert "--fit placement across hosts" in remote.stderr and servers[1].endpoint in remote.stderr
+    local = subprocess.run([MS4LOCAL, "chat", str(model), *args], env=cli_env, capture_output=True, text=True,
+                           timeout=300)
+    assert json.loads(remote.stdout)["content"] == json.loads(local.stdout)["content"]
+    assert json.loads(remote.stdout)["usage"]["completion_tokens"] > 0
+    # eval --rpc --fit scores the text as a local eval does
+    args = [str(model), "-c", "64", "--chunks", "2", "--json"]
+    local = subprocess.run([MS4LOCAL, "eval", *args], env=cli_env, capture_output=True, text=True, timeout=300)
+    remote = subprocess.run([MS4LOCAL, "eval", *args, "--rpc", ",".join(s.endpoint for s in servers), "--fit",
+                             "--vram", str(vram)], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    a, b = json.loads(local.stdout)["perplexity"], json.loads(remote.stdout)["perplexity"]
+    assert abs(a - b) <= 1e-4 * a, (a, b)
+
+
+MOE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from ms4local import Engine, EngineOptions
+    from ms4local import engine as eng
+
+    model, a, b = sys.argv[1:]
+    text = "Bonjour le monde, ceci est un essai de RPC."
+
+    def run(**kw):
+        mark = eng.log_mark()
+        with Engine(model, EngineOptions(ctx_size=256, logits_all=True, **kw)) as e:
+            return e.logits(e.tokenize(text, add_special=True)), eng.log_text(mark)
+
+    before, _ = run()
+    out = {}
+    for name, kw in {"cpu_moe": dict(cpu_moe=True), "n_cpu_moe": dict(n_cpu_moe=1),
+                     "ot": dict(override_tensor=[r"blk\\.1\\.ffn_(up|down|gate|gate_up)_exps=RPC0[%s]" % b],
+                                tensor_split=[1, 0])}.items():
+        logits, log = run(rpc=[a, b], n_gpu_layers=99, **kw)
+        out[name] = {"scale": float(np.max(np.abs(logits - before)) / np.max(np.abs(before))), "log": log}
+    print(json.dumps(out))
+""")
+
+
+@needs_rpc
+def test_cpu_moe_n_cpu_moe_and_ot_across_rpc_servers(model, servers, cli_env, tmp_path):
+    """-ngl 99 --rpc A,B with --cpu-moe keeps every routed expert in this process's RAM (the servers
+    hold only the dense part), --n-cpu-moe 1 those of block 0, and an -ot rule sends block 1's
+    experts to B while -ts 1,0 gives A every block; each answers with the local run's logits."""
+    from gguf import GGUFReader
+
+    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(model).tensors}
+    expert = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
+    exp = [sum(s for k, s in sizes.items() if (m := expert.match(k)) and int(m[1]) == i) for i in (0, 1)]
+    embd = sizes["token_embd.weight"]
+    dense = sum(sizes.values()) - sum(exp) - embd
+    a, b = (f"RPC0[{s.endpoint}]" for s in servers)
+    script = tmp_path / "moe.py"
+    script.write_text(MOE)
+    r = subprocess.run([str(BIN / "python"), str(script), str(model)] + [s.endpoint for s in servers],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    mib = 2**20
+
+    def close(x, nbytes):
+        return abs(x - nbytes / mib) < 0.01
+
+    for name, got in out.items():
+        assert got["scale"] <= 1e-3, (name, got["scale"])
+    # What the servers hold (this process's mapped CPU buffer spans the file from its first to its
+    # last CPU tensor, so it is no measure of what stayed here).
+    cpu_moe = model_buffers(out["cpu_moe"]["log"])
+    assert close(cpu_moe[a] + cpu_moe[b], dense), cpu_moe  # the dense part only: every expert stayed local
+    n_cpu_moe = model_buffers(out["n_cpu_moe"]["log"])
+    assert close(n_cpu_moe[a] + n_cpu_moe[b], dense + exp[1]), n_cpu_moe  # block 0's experts stayed local
+    ot = model_buffers(out["ot"]["log"])
+    assert close(ot[a], dense + exp[0]) and close(ot[b], exp[1]), ot
+    # The same through the CLI: `chat -ngl 99 --rpc A,B --cpu-moe` answers like a local chat.
+    args = ["-c", "256", "--temp", "0", "-p", "Bonjour", "-n", "8", "--json"]
+    remote = subprocess.run([MS4LOCAL, "chat", str(model), "-ngl", "99", "--cpu-moe", "--rpc",
+                             ",".join(s.endpoint for s in servers), *args], env=cli_env, capture_output=True,
+                            text=True, timeout=300)
+    assert remote.returncode == 0, remote.stderr
+    local = subprocess.run([MS4LOCAL, "chat", str(model), *args], env=cli_env, capture_output=True, text=True,
+                           timeout=300)
+    assert json.loads(remote.stdout)["content"] == json.loads(local.stdout)["content"]
+
+
+# ----------------------------------------------------------------------------- a host that vanishes
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_an_endpoint_that_accepts_and_never_answers_is_one_line_within_seconds(command, model, cli_env):
+    """Not a closed port: a listener that takes the connection and stays silent (a wedged or foreign
+    service) would leave llama.cpp in recv for good; the probe's timeout names it."""
+    fake = FakeServer(lambda conn: time.sleep(30))
+    try:
+        args = [MS4LOCAL, command, str(model), "--rpc", f"127.0.0.1:{fake.port}"]
+        args += ["-p", "hi"] if command == "chat" else []
+        started = time.monotonic()
+        r = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=60)
+    finally:
+        fake.close()
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: rpc-server 127.0.0.1:{fake.port}: accepted the connection but sent no handshake within 3 s (an "
+        "rpc-server serves one client at a time: is another one using it?)"]
+    assert time.monotonic() - started < 20
+
+
+class StallProxy:
+    """A loopback TCP relay to an rpc-server that can play a host gone off the network: `vanish()`
+    stops relaying (what the client sends is swallowed, nothing comes back, the connection stays
+    open, as with dropped packets) and stops listening (a new connection is refused)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.target = target_port
+        self.gone = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if not self.gone.is_set():
+                    dst.sendall(data)
+            if not self.gone.is_set():  # a closed side closes the other: the server takes its next client
+                dst.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def vanish(self) -> None:
+        self.gone.set()
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@needs_rpc
+def test_a_host_that_vanishes_mid_answer_ends_chat_with_one_line(model, servers, cli_env):
+    """The rpc-server's host stops answering mid-answer (no reset, no close): llama.cpp would wait in
+    recv for as long as TCP holds on; the watchdog (MS4LOCAL_RPC_STALL seconds without progress, then
+    a new connection that fails) ends the engine and chat names the host."""
+    proxy = StallProxy(servers[1].port)
+    env = dict(cli_env, MS4LOCAL_RPC_STALL="2")
+    chat = subprocess.Popen([MS4LOCAL, "chat", str(model), "--rpc", f"{servers[0].endpoint},{proxy.endpoint}", "-c",
+                             "4096", "--temp", "0", "-p", "Bonjour", "-n", "-1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert chat.stdout.read(16), chat.stderr.read().decode()  # the answer is streaming
+        proxy.vanish()
+        gone = time.monotonic()
+        _, err = chat.communicate(timeout=60)
+    finally:
+        if chat.poll() is None:
+            chat.kill()
+        proxy.close()
+    assert time.monotonic() - gone < 20
+    assert chat.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert lines[-1] == (f"error: lost rpc-server {proxy.endpoint} (connection refused); llama.cpp stopped: no answer "
+                         f"from rpc-server {proxy.endpoint} for 2 s, and a new connection is refused. Start the "
+                         "rpc-server again and rerun"), lines
+    assert not any("Traceback" in line for line in lines)
+
+
+@needs_rpc
+def test_a_host_that_vanishes_under_serve_is_a_503_naming_it(model, servers, endless):
+    """The same under `serve --rpc`: the stream in flight ends with an error event, /health answers
+    503 with the reason (the host, no answer), and the front stays up."""
+    import openai
+    from helpers.serving import Server, user
+
+    proxy = StallProxy(servers[1].port)
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="200", MS4LOCAL_RPC_STALL="2")
+    srv = Server(model, "--rpc", f"{servers[0].endpoint},{proxy.endpoint}", "-c", "4096", env=env)
+    try:
+        client = srv.client()
+        name = Path(model).name.removesuffix(".gguf")
+        stream = client.chat.completions.create(model=name, messages=user("Raconte"), max_tokens=3000, stream=True,
+                                                extra_body=endless)
+        chunks = iter(stream)
+        next(chunks), next(chunks)  # the answer is streaming
+        proxy.vanish()
+        gone = time.monotonic()
+        with pytest.raises(openai.APIError, match=f"lost rpc-server {proxy.endpoint}"):
+            for _ in chunks:
+                pass
+        assert time.monotonic() - gone < 30
+        status, _, body = srv.get("/health")
+        assert status == 503 and body["status"] == "unavailable", body
+        assert f"no answer from rpc-server {proxy.endpoint} for 2 s" in body["reason"], body
+        assert srv.proc.poll() is None  # the front is up
+        assert srv.terminate() == 0
+    finally:
+        srv.kill()
+        proxy.close()

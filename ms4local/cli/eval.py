@@ -40,13 +40,15 @@ def eval_command(
     tensor_split: options.TensorSplit = None,
     flash_attn: options.FlashAttn = "auto",
     rpc: options.Rpc = None,
+    fit: options.Fit = None,
+    vram: options.Vram = None,
     no_repair: options.NoRepair = False,
     as_json: options.Json = False,
 ) -> None:
     """Perplexity of MODEL over a text (chunked like llama-perplexity); with --reference the KL divergence
     of its next-token distributions from the reference's, computed in one pass over both."""
     opts = options.engine_options(ctx_size=ctx_size, threads=threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-                                  no_repair=no_repair, tensor_split=tensor_split, rpc=rpc)
+                                  no_repair=no_repair, tensor_split=tensor_split, rpc=rpc, fit=fit, vram=vram)
     content, name = read_text(text) if text is not None else (None, None)
     with ui.eval_progress("eval" if reference is None else "eval vs reference") as progress:
         result = evaluate(model, reference=reference, text=content, text_name=name, n_ctx=ctx_size,

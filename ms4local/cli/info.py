@@ -6,6 +6,7 @@ Declares options and hands off to `ms4local.info.inspect`; the tables are drawn 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Annotated, Optional
 
 import typer
@@ -17,6 +18,7 @@ from quantize.units import parse_size
 from .. import ui
 from ..errors import OptionsError
 from ..info import Info, inspect
+from ..placement import SpreadPlan
 from ..rpc import RemoteServer, parse_endpoints, preflight
 from . import options
 from .errors import handle_errors
@@ -63,10 +65,12 @@ def info(
     ubatch_size: options.UbatchSize = 512,
     bandwidth: Bandwidth = None,
     rpc: options.Rpc = None,
+    fit: options.Fit = None,
 ) -> None:
     """Describe a GGUF from its header (no weights are read): architecture, tensor types by class,
     template features, split files, paired mmproj; with --vram/--ram the --fit placement, memory per
-    device and an upper bound on decode speed; with --rpc the rpc-servers' devices and memory."""
+    device and an upper bound on decode speed; with --rpc the rpc-servers' devices and memory, and the
+    --fit plan across the hosts (--vram: the main device's memory; --no-fit hides it)."""
     gpu_bw, cpu_bw = parse_bandwidths(bandwidth)
     servers = preflight(parse_endpoints(rpc)) if rpc else []  # an unusable server fails here, in seconds
     # The same checks and n_ubatch as the engine, so the plan equals the one `chat --vram` makes.
@@ -75,6 +79,15 @@ def info(
     vram_bytes = None
     if vram is not None:
         vram_bytes = 0 if vram.strip() in ("0", "0G", "0B") else parse_size(vram)
+    spread = None
+    if rpc and fit is not False:
+        # The plan `chat --rpc --fit` makes, from the memory the probe just read; nothing is loaded.
+        from ..engine import read_model, rpc_plan  # llama.cpp (for the local GPUs) only when asked
+
+        spread = rpc_plan(read_model(model), options.engine_options(
+            ctx_size=ctx_size, cache_type_k=cache_type_k, cache_type_v=cache_type_v, flash_attn=flash_attn,
+            batch_size=batch_size, ubatch_size=ubatch_size, vram=vram_bytes or None, rpc=rpc), servers)[0]
+        vram_bytes = None  # --vram is the main device's memory in that plan, not a one-GPU plan
     result = inspect(model, vram=vram_bytes, ram=parse_size(ram) if ram else None, n_ctx=opts.ctx_size,
                      type_k=opts.type_k, type_v=opts.type_v, n_ubatch=min(opts.ubatch_size, opts.batch_size),
                      flash_attn=opts.flash_attn, gpu_bandwidth=gpu_bw, cpu_bandwidth=cpu_bw)
@@ -82,11 +95,22 @@ def info(
         out = result.to_json()
         if rpc:
             out["rpc_servers"] = [s.to_json() for s in servers]
+        if spread is not None:
+            out["rpc_plan"] = spread_json(spread)
         print(json.dumps(out, indent=1, ensure_ascii=False))
         return
     render(result)
     if servers:
         ui.out.print(servers_table(servers, result.tensor_bytes))
+    if spread is not None:
+        ui.out.print(ui.spread_table(spread))
+
+
+def spread_json(spread: SpreadPlan) -> dict[str, object]:
+    return {"main": spread.targets[0].device, "n_gpu_layers": spread.n_gpu_layers, "overrides": spread.overrides,
+            "targets": [asdict(t) for t in spread.targets],
+            "experts": {t.device: list(b) for t, b in zip(spread.targets, spread.experts)},
+            "cpu_experts": list(spread.cpu_experts), "ram": spread.ram, "rows": [asdict(r) for r in spread.rows]}
 
 
 def servers_table(servers: list[RemoteServer], model_bytes: int) -> Table:

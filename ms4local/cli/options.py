@@ -321,5 +321,7 @@ def resolve_placement(model: str, opts: EngineOptions) -> Placement:
         ui.err.print(f"note: {notice}", style="yellow", markup=False, highlight=False)
     if placement.plan is not None:
         ui.err.print(ui.placement_table(placement.plan, applied=placement.applied))
+    if placement.spread is not None:
+        ui.err.print(ui.spread_table(placement.spread))
     return placement
 

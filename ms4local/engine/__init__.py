@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..gguf_model import find_mmproj, read_model
 from .core import Engine
-from .devices import Device, Placement, backends, buffer_types, devices, gpu_devices, place, system_info
+from .devices import Device, Placement, backends, buffer_types, devices, gpu_devices, place, rpc_plan, system_info
 from .events import ChatStream, Delta, Done, Event, Timings, Usage
 from .library import llama, log_mark, log_text, mtmd, set_log_listener
 from ..system import free_ram
@@ -29,5 +29,5 @@ __all__ = [
     "MAX_CTX", "ChatStream", "Delta", "Device", "Done", "Engine", "EngineOptions", "Event", "Placement", "Sampling",
     "Slots", "Timings", "Usage", "backends", "buffer_types", "check_cache_types", "check_model_path", "devices",
     "find_mmproj", "free_ram", "gpu_devices", "llama", "log_mark", "log_text", "mtmd",
-    "parse_override", "place", "read_model", "set_log_listener", "system_info",
+    "parse_override", "place", "read_model", "rpc_plan", "set_log_listener", "system_info",
 ]

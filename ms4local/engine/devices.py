@@ -16,9 +16,11 @@ from typing import Any
 
 from ..errors import ModelLoadError, OptionsError
 from ..gguf_model import ModelInfo, read_model
-from ..placement import DEFAULT_HEADROOM, EXPERTS_REGEX, Plan, expert_overrides, plan
+from ..placement import (DEFAULT_HEADROOM, EXPERTS_REGEX, Plan, SpreadPlan, Target, expert_overrides, order_targets, plan,
+                         plan_across)
 from .library import ggml_fn, llama
 from ..system import free_ram
+from ..rpc import RemoteServer
 from .options import EngineOptions, parse_override
 from .rpc import device_handles, register_servers, registered_handles
 
@@ -162,6 +164,7 @@ class Placement:
     notices: tuple[str, ...] = ()
     single_gpu: str | None = None  # --fit plans for one device: the model goes to this one only
     info: ModelInfo | None = None  # the model's header as `place` read it (None: unreadable, left to llama.cpp)
+    spread: SpreadPlan | None = None  # what --fit chose across hosts (--rpc), when it ran
 
 
 def place(model_path: str | os.PathLike[str], options: EngineOptions, info: ModelInfo | None = None) -> Placement:
@@ -173,8 +176,7 @@ def place(model_path: str | os.PathLike[str], options: EngineOptions, info: Mode
     """
     opts = options
     opts.check()
-    if opts.rpc:
-        register_servers(opts.rpc)  # probed first: an unusable endpoint is an RpcError, not an abort
+    servers = register_servers(opts.rpc) if opts.rpc else []  # probed first: an unusable one is an RpcError, not an abort
     gpus = offload_devices(opts)
     notices: list[str] = []
     try:
@@ -216,6 +218,16 @@ def place(model_path: str | os.PathLike[str], options: EngineOptions, info: Mode
         raise OptionsError(f"-ts/--tensor-split gives {len(opts.tensor_split)} shares for {len(gpus)} devices "
                            f"({', '.join(d.name for d in gpus)})")
     fit = opts.fit if opts.fit is not None else not (opts.manual_placement or opts.rpc)
+    if fit and opts.rpc:
+        info = info or read_model(model_path)
+        spread, order = rpc_plan(info, opts, servers)
+        main = spread.targets[0]
+        if spread.n_gpu_layers <= spread.main.n_layer:
+            notices.append(f"{info.path.name} does not fit on {main.device} even with every routed expert elsewhere: "
+                           f"{max(spread.n_gpu_layers - 1, 0)} of {spread.main.n_layer} blocks there, the rest in RAM")
+        resolved = replace(opts, fit=False, n_gpu_layers=spread.n_gpu_layers, n_cpu_moe=0, cpu_moe=False,
+                           override_tensor=spread.overrides, tensor_split=spread.split(order))
+        return Placement(resolved, notices=tuple(notices), info=info, spread=spread)
     if not fit:
         if opts.rpc:
             notices.append(rpc_notice(gpus, opts))
@@ -235,6 +247,41 @@ def place(model_path: str | os.PathLike[str], options: EngineOptions, info: Mode
                        f"{max(plan_.n_gpu_layers - 1, 0)} of {plan_.n_layer} blocks on the GPU")
     resolved = replace(opts, fit=False, n_gpu_layers=plan_.n_gpu_layers, n_cpu_moe=plan_.n_cpu_moe, cpu_moe=False)
     return Placement(resolved, plan_, notices=tuple(notices), single_gpu=dev.name, info=info)
+
+
+def rpc_targets(opts: EngineOptions, servers: list[RemoteServer]) -> tuple[list[Target], list[str]]:
+    """The devices --fit plans over with --rpc, main device first, and llama.cpp's device order.
+
+    The main device is this machine's first GPU when it has one, else the first device of the first
+    rpc-server. A local GPU is the fastest place for the part that runs for every token: no network
+    hop for each of the dozens of per-layer steps of every token, and no activations on the wire.
+    Without one, which remote device is fastest cannot be known before running on it, so the order
+    the user gave (--rpc) decides: name the strongest host first. `--vram` replaces the main
+    device's free memory. Remote memory is what each server's probe reported (the server's own
+    `ggml_backend_dev_memory`); RPC devices are named by their buffer type, RPC<i>[HOST:PORT], which
+    is what an -ot rule needs and stays unique across servers (their device names do not).
+    """
+    buft = ggml_fn("ggml_backend_dev_buffer_type", ctypes.c_void_p, ctypes.c_void_p)
+    buft_name = ggml_fn("ggml_backend_buft_name", ctypes.c_char_p, ctypes.c_void_p)
+    local = [((buft_name(buft(h)) or b"?").decode(), _device(h).free) for h in _local_offload_handles()]
+    remote = [(f"RPC{d.index}[{s.endpoint}]", str(s.endpoint), d.free) for s in servers for d in s.devices]
+    targets = order_targets(local, remote, vram=opts.vram)
+    if not targets:
+        raise OptionsError("--fit with --rpc needs at least one device: the rpc-servers shared none")
+    return targets, [name for name, _, _ in remote] + [name for name, _ in local]
+
+
+def rpc_plan(info: ModelInfo, opts: EngineOptions, servers: list[RemoteServer]) -> tuple[SpreadPlan, list[str]]:
+    """The --fit plan across this machine and the rpc-servers (and llama.cpp's device order, for -ts).
+
+    `info` and `place` both call this, with the memory the probe of each server just reported, so
+    the plan `info --rpc` prints is the one `chat/serve/eval --rpc --fit` apply.
+    """
+    targets, order = rpc_targets(opts, servers)
+    spread = plan_across(info, targets, n_ctx=opts.ctx_size, type_k=opts.type_k, type_v=opts.type_v,
+                         n_ubatch=min(opts.ubatch_size, opts.batch_size), flash_attn=opts.flash_attn,
+                         ram=free_ram())
+    return spread, order
 
 
 def rpc_notice(gpus: list[Device], opts: EngineOptions) -> str:

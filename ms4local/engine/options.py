@@ -25,7 +25,8 @@ class EngineOptions:
     Placement: `n_gpu_layers` None means "all when a GPU is present"; -1 is all, 0 none.
     `cpu_moe` / `n_cpu_moe` / `override_tensor` keep tensors in RAM as llama.cpp's --cpu-moe,
     --n-cpu-moe and -ot do. `fit` None turns the planner on when a GPU is present and no
-    placement was given by hand; `vram` (bytes) replaces the device's free memory in that plan.
+    placement was given by hand (with `rpc`: only when asked); `vram` (bytes) replaces the (main)
+    device's free memory in that plan.
     """
 
     ctx_size: int = 4096
@@ -95,9 +96,6 @@ class EngineOptions:
                 raise OptionsError("-ts/--tensor-split wants shares of 0 or more, at least one above 0 (e.g. 3,1)")
         if self.rpc:
             parse_endpoints(self.rpc)
-            if self.fit:
-                raise OptionsError("--fit plans for one local GPU, not across rpc-servers yet; place the layers with "
-                                   "-ngl, -ts and -ot (or drop --fit)")
         if self.vram is not None and self.vram <= 0:
             raise OptionsError("--vram must be a positive size such as 24G")
         if self.image_max_tokens < 1:

@@ -79,8 +79,12 @@ class EngineProcess:
                 self._signal()
                 on_exit()
                 return
-            self.state = "down"
-            self.reason = await asyncio.to_thread(self.describe_death, code)
+            # The reason first, then "down": a request that saw the child go waits for the state to
+            # change (wait_down) and then answers with the reason, which must be there by then.
+            reason = await asyncio.to_thread(self.describe_death, code)
+            if self.state == "stopping":
+                return
+            self.state, self.reason = "down", reason
             self._signal()
             self.log(f"ms4local: {self.reason} (until then /health and requests get 503)")
             while self.state == "down":
@@ -96,6 +100,12 @@ class EngineProcess:
             self.log(f"ms4local: the rpc-servers answer again; loading the model again (restart {self.restarts})")
             self.launch()
 
+    @property
+    def death_wait(self) -> float:
+        """How long a request that saw the child go waits for the watcher's reason: the probe of
+        each rpc-server (2 s at most each, a vanished host takes all of it) and a margin."""
+        return 3.0 + 2.0 * len(self.endpoints)
+
     async def wait_down(self, timeout: float) -> None:
         """Give the watcher a moment to learn why the child went away (a request saw it first)."""
         deadline = time.monotonic() + timeout
@@ -110,6 +120,8 @@ class EngineProcess:
         once, unless `now`: a second SIGTERM makes the child exit at once."""
         if self.state == "stopping" and not now:
             return
+        if self.state == "down":
+            self.proc = None  # lost before the stop, and said so: stopping now is a clean exit (0)
         self.state = "stopping"
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -153,7 +165,7 @@ def create_front(engine: EngineProcess) -> Starlette:
         except httpx.TransportError as e:
             if isinstance(e, httpx.ConnectError) and engine.alive():
                 return _unavailable(engine, path, "the engine process is starting")  # not listening yet
-            await engine.wait_down(3.0)  # gone: the watcher says why
+            await engine.wait_down(engine.death_wait)  # gone: the watcher says why
             return _unavailable(engine, path)
         streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
@@ -166,7 +178,7 @@ def create_front(engine: EngineProcess) -> Starlette:
                         tail = chunk[-4:]
                         yield chunk
             except httpx.TransportError:
-                await engine.wait_down(3.0)
+                await engine.wait_down(engine.death_wait)
                 if streaming:  # headers are sent: the error goes into the stream, as the server's own do
                     yield (b"" if tail.endswith(b"\n\n") else b"\r\n\r\n") + _error_event(
                         engine.reason or "the engine process went away")
