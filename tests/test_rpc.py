@@ -447,6 +447,33 @@ def test_serve_survives_a_lost_rpc_server_and_loads_again(model, servers, tmp_pa
     assert "ggml-rpc.cpp" not in out and "Traceback" not in out, out
 
 
+def rss(pid: int) -> int:
+    """Resident bytes of a process, from /proc (what the rpc-server really holds, not what the
+    client says it sent)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@needs_rpc
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads resident memory from /proc")
+def test_the_rpc_servers_hold_the_weights(model, servers):
+    """With every block offloaded (-ngl all), each rpc-server's own resident memory grows by its share
+    of the weights while `serve --rpc` holds the model; the two shares add up to about the file."""
+    from helpers.serving import Server
+
+    before = [rss(s.proc.pid) for s in servers]
+    srv = Server(model, "--rpc", ",".join(s.endpoint for s in servers), "-ngl", "all", "-c", "512")
+    try:
+        grown = [rss(s.proc.pid) - b for s, b in zip(servers, before)]
+    finally:
+        srv.terminate()
+    size = Path(model).stat().st_size
+    assert all(g > 0.2 * size for g in grown), (grown, size)  # both servers hold a share
+    assert 0.7 * size < sum(grown) < 1.6 * size, (grown, size)  # the weights, not a copy per server
+
+
 @needs_rpc
 def test_interactive_chat_through_rpc_stops_an_answer_on_ctrl_c(model, servers, cli_env, tmp_path):
     """In a terminal, Ctrl-C reaches the parent and the child (one process group): the parent lets
