@@ -197,7 +197,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="use this GGUF instead of generating one")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "llamacpp.md")
     args = ap.parse_args()
-    os.environ["PYTHONPATH"] = str(ROOT)  # `ms4local serve` / `chat` run this checkout's code
+    # `ms4local serve` / `chat` run this checkout's code
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     if args.quick:
         args.repeats, args.rounds = 2, 2
         args.only = args.only.replace("c", "")
