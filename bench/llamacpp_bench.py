@@ -309,17 +309,22 @@ def main() -> None:
                     else:
                         n_p = ours[-1]["n_prompt"] if ours else 512
                         n_g = ours[-1]["n_gen"] if ours else 128
-                        theirs.append(llama_bench(bindir / "llama-bench", model, T, 1,
-                                                  ["-p", str(n_p), "-n", str(n_g), "-b", "512", "-ub", "512"]))
+                        # prefill from an empty context; decode after the prompt (-d), as chat does
+                        pp = llama_bench(bindir / "llama-bench", model, T, 1, ["-p", str(n_p), "-n", "0", "-b", "512",
+                                                                             "-ub", "512"])
+                        tg = llama_bench(bindir / "llama-bench", model, T, 1, ["-p", "0", "-n", str(n_g), "-d", str(n_p),
+                                                                             "-b", "512", "-ub", "512"])
+                        theirs.append({**pp, **tg})
                         log(f"llama-bench: {theirs[-1]}")
             pa, pb = median([x["pp"] for x in ours]), median([x["pp"] for x in theirs])
             ga, gb = median([x["tg"] for x in ours]), median([x["tg"] for x in theirs])
             lines += ["## c. `ms4local chat --json` vs `llama-bench`", "",
                       f"`ms4local chat MODEL -p '<{len(prompt)} characters>' --json -n 128 --temp 0 -t {T} -c 2048` "
-                      f"({ours[0]['n_prompt']} prompt tokens; it stops at EOS, {ours[0]['n_gen']} tokens generated) — "
+                      f"({ours[0]['n_prompt']} prompt tokens, {ours[0]['n_gen']} tokens generated: chat cannot ban EOS, so llama-bench decodes as many) — "
                       "its `timings` (prefill: prompt tokens / prompt seconds; decode: `decode_tps`, which also counts "
-                      "sampling and detokenizing) vs `llama-bench -p <those prompt tokens> -n <those generated "
-                      f"tokens> -b 512 -ub 512 -t {T} -r 1`; 3 interleaved runs, medians.", "",
+                      "sampling and detokenizing) vs `llama-bench -p <those prompt tokens> -n 0` (prefill) and "
+                      "`llama-bench -p 0 -n <those generated tokens> -d <those prompt tokens>` (decode after the "
+                      f"prompt), `-b 512 -ub 512 -t {T} -r 1`; 3 interleaved runs, medians.", "",
                       "| measure | ms4local t/s | llama-bench t/s | ratio |", "| --- | ---: | ---: | ---: |",
                       f"| prefill | {pa:.1f} | {pb:.1f} | **{pa / pb:.2f}** |",
                       f"| decode | {ga:.1f} | {gb:.1f} | **{ga / gb:.2f}** |", ""]
