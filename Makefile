@@ -135,3 +135,15 @@ bench-tokenizer: install
 
 compat: install
 	$(PY) bench/compat.py
+
+# `ms4local serve` vs `llama-server`, the engine vs `llama-bench` (prefill and decode at depth 512)
+# and `chat --json` vs `llama-bench`, on one generated Q8_0 GGUF with the same threads, context and
+# --parallel (a/b interleaved, medians; ~10 min on 2 cores after building llama-server and
+# llama-bench once, as `make compat` does). Writes bench/results/llamacpp.md.
+# LLAMACPP_BENCH_ARGS=--quick for a ~3 minute check.
+LLAMACPP_BENCH_ARGS ?=
+
+.PHONY: bench-llamacpp
+
+bench-llamacpp: install
+	$(PY) bench/llamacpp_bench.py $(LLAMACPP_BENCH_ARGS)

@@ -121,7 +121,7 @@ def build_seconds(target: str, ver: str | None = None) -> int | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", action="append", help="a cmake target (repeatable; default llama-server)")
+    ap.add_argument("--target", action="append", help="a cmake target, e.g. llama-server, llama-bench (repeatable; default llama-server)")
     args = ap.parse_args()
     try:
         print(build(args.target or ["llama-server"], log=lambda m: print(m, file=sys.stderr)))

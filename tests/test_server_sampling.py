@@ -112,6 +112,11 @@ class Exploding(Job):
             raise RuntimeError("boom while delivering")
         super().post(item)
 
+    def stage(self, item, outbox) -> None:  # the path a decode step's events take
+        if isinstance(item, Delta):
+            raise RuntimeError("boom while delivering")
+        super().stage(item, outbox)
+
 
 async def answer(scheduler: Scheduler, job: Job) -> list:
     scheduler.submit(job)

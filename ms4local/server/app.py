@@ -20,7 +20,6 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Delta, Done, Engine
@@ -33,6 +32,7 @@ from .gate import Gate
 from .metrics import prometheus
 from .scheduler import Failed, Job, Scheduler, Started
 from .schemas import ChatRequest, CompletionRequest
+from .sse import SSEResponse, event
 from .translate import effort_of, grammar_of, messages_of, sampling_of, stops_of
 
 
@@ -167,6 +167,41 @@ async def _events(job: Job) -> AsyncIterator[Any]:
             return
 
 
+async def _batches(job: Job) -> AsyncIterator[list[Any]]:
+    """`_events` a batch at a time: every event already waiting in the queue comes with the one
+    awaited, so a stream that fell behind (a busy loop, a slow client) catches up in one write."""
+    queue = job.queue
+    while True:
+        batch = []
+        item = await queue.get()
+        while True:
+            if isinstance(item, Failed):
+                if batch:
+                    yield batch
+                raise item.error
+            batch.append(item)
+            if isinstance(item, Done):
+                yield batch
+                return
+            if queue.empty():
+                break
+            item = queue.get_nowait()
+        yield batch
+
+
+def _framer(obj: dict[str, Any], slot: str) -> Callable[[str], str]:
+    """`json.dumps(obj, ensure_ascii=False)` with the JSON text `part` in place of the value at
+    key `slot`, without encoding the constant rest again: the chunk's prefix and suffix are
+    encoded once per stream (the per-token cost is then one string's escaping)."""
+    marker = "\ue000ms4local-slot\ue000"
+    head, tail = json.dumps({**obj, slot: marker}, ensure_ascii=False).split(json.dumps(marker, ensure_ascii=False))
+    return lambda part: head + part + tail
+
+
+def _string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
 async def _start(scheduler: Scheduler, job: Job) -> Started:
     scheduler.submit(job)
     try:
@@ -232,8 +267,8 @@ async def chat(config: ServerConfig, scheduler: Scheduler, body: ChatRequest, re
         if body.stream:
             watch.stop()
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(_chat_stream(scheduler, job, config.model_id, cid, created, include_usage),
-                                       ping=15, send_timeout=30)
+            return SSEResponse(_chat_stream(scheduler, job, config.model_id, cid, created, include_usage),
+                               ping=15, send_timeout=30)
         try:
             return await _chat_whole(job, config.model_id, cid, created)
         finally:
@@ -267,40 +302,58 @@ async def _chat_whole(job: Job, model_id: str, cid: str, created: int) -> dict[s
 
 
 async def _chat_stream(scheduler: Scheduler, job: Job, model_id: str, cid: str, created: int,
-                       include_usage: bool) -> AsyncIterator[str]:
+                       include_usage: bool) -> AsyncIterator[bytes]:
     """SSE chunks: role first, then content / reasoning_content / tool_calls deltas, the finish
-    reason, usage (when asked) and [DONE]. Cancelling this generator (client gone) stops the job."""
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                               "system_fingerprint": "ms4local",
-                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        if include_usage:
-            out["usage"] = None
-        return json.dumps(out, ensure_ascii=False)
+    reason, usage (when asked) and [DONE]. Cancelling this generator (client gone) stops the job.
+
+    Each chunk is the JSON `json.dumps(chunk_object, ensure_ascii=False)` gives; the constant
+    parts are encoded once per stream (`_framer`), and all events that are waiting go out in one
+    write (`_batches`)."""
+    base: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                            "system_fingerprint": "ms4local", "choices": None}
+    if include_usage:
+        base["usage"] = None
+    choice = _framer({"index": 0, "delta": None, "finish_reason": None, "logprobs": None}, "delta")
+    frame = _framer(base, "choices")
+
+    def chunk(delta: str, finish: str | None = None) -> str:
+        if finish is None:
+            return frame("[" + choice(delta) + "]")
+        return frame("[" + _framer({"index": 0, "delta": {}, "finish_reason": finish, "logprobs": None},
+                                   "delta")(delta) + "]")
 
     ids: dict[int, str] = {}
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        yield event(chunk('{"role": "assistant", "content": ""}'))
         try:
-            async for item in _events(job):
-                if isinstance(item, Delta):
-                    yield chunk({"reasoning_content": item.text} if item.reasoning else {"content": item.text})
-                elif isinstance(item, ToolCallDelta):
-                    if item.index not in ids:
-                        ids[item.index] = _call_id()
-                        yield chunk({"tool_calls": [{"index": item.index, "id": ids[item.index], "type": "function",
-                                                     "function": {"name": item.name, "arguments": item.arguments}}]})
-                    elif item.arguments:
-                        yield chunk({"tool_calls": [{"index": item.index, "function": {"arguments": item.arguments}}]})
-                elif isinstance(item, Done):
-                    yield chunk({}, item.finish_reason)
-                    if include_usage:
-                        yield json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                          "model": model_id, "system_fingerprint": "ms4local", "choices": [],
-                                          "usage": usage_of(item)})
+            async for batch in _batches(job):
+                out = []
+                for item in batch:
+                    if isinstance(item, Delta):
+                        out.append(chunk(('{"reasoning_content": ' if item.reasoning else '{"content": ')
+                                         + _string(item.text) + "}"))
+                    elif isinstance(item, ToolCallDelta):
+                        if item.index not in ids:
+                            ids[item.index] = _call_id()
+                            out.append(chunk(json.dumps(
+                                {"tool_calls": [{"index": item.index, "id": ids[item.index], "type": "function",
+                                                 "function": {"name": item.name, "arguments": item.arguments}}]},
+                                ensure_ascii=False)))
+                        elif item.arguments:
+                            out.append(chunk(json.dumps(
+                                {"tool_calls": [{"index": item.index, "function": {"arguments": item.arguments}}]},
+                                ensure_ascii=False)))
+                    elif isinstance(item, Done):
+                        out.append(chunk("{}", item.finish_reason))
+                        if include_usage:
+                            out.append(json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                                   "model": model_id, "system_fingerprint": "ms4local", "choices": [],
+                                                   "usage": usage_of(item)}))
+                if out:
+                    yield b"".join(event(o) for o in out)
         except APIError as e:  # headers are sent: the error goes into the stream
-            yield json.dumps(e.body())
-        yield "[DONE]"
+            yield event(json.dumps(e.body()))
+        yield event("[DONE]")
     finally:
         scheduler.cancel(job)
 
@@ -351,23 +404,30 @@ def _complete_stream(config: ServerConfig, scheduler: Scheduler, job: Job, body:
     obj = _completion_obj(config.model_id, _completion_id("cmpl"), int(time.time()))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    async def gen() -> AsyncIterator[str]:
+    text_chunk = _framer(obj("", None), "choices")
+    choice = _framer({"index": 0, "text": None, "finish_reason": None, "logprobs": None}, "text")
+
+    async def gen() -> AsyncIterator[bytes]:
         try:
             try:
-                async for item in _events(job):
-                    if isinstance(item, Delta):
-                        yield json.dumps(obj(item.text, None), ensure_ascii=False)
-                    elif isinstance(item, Done):
-                        yield json.dumps(obj("", item.finish_reason))
-                        if include_usage:
-                            yield json.dumps({**obj("", None), "choices": [], "usage": usage_of(item)})
+                async for batch in _batches(job):
+                    out = []
+                    for item in batch:
+                        if isinstance(item, Delta):
+                            out.append(text_chunk("[" + choice(_string(item.text)) + "]"))
+                        elif isinstance(item, Done):
+                            out.append(json.dumps(obj("", item.finish_reason)))
+                            if include_usage:
+                                out.append(json.dumps({**obj("", None), "choices": [], "usage": usage_of(item)}))
+                    if out:
+                        yield b"".join(event(o) for o in out)
             except APIError as e:
-                yield json.dumps(e.body())
-            yield "[DONE]"
+                yield event(json.dumps(e.body()))
+            yield event("[DONE]")
         finally:
             scheduler.cancel(job)
 
-    return EventSourceResponse(gen(), ping=15, send_timeout=30)
+    return SSEResponse(gen(), ping=15, send_timeout=30)
 
 
 async def _complete_whole(config: ServerConfig, job: Job) -> dict[str, Any]:

@@ -62,11 +62,22 @@ class Job:
     ids: list[int] | None = None
     _filter: StopFilter | None = None
 
+    def stage(self, item: Any, outbox: list[tuple[Job, Any]]) -> None:
+        """Queue `item` for the next hand-over of a decode step's events (`Scheduler._flush`)."""
+        outbox.append((self, item))
+
     def post(self, item: Any) -> None:
+        """Hand `item` to the event loop now."""
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
+
+
+def _hand_over(items: list[tuple[Job, Any]]) -> None:
+    """On the event loop: one decode step's events into their jobs' queues."""
+    for job, item in items:
+        job.queue.put_nowait(item)
 
 
 class StopFilter:
@@ -172,6 +183,9 @@ class Scheduler:
         self._incoming: list[Job] = []
         self._waiting: deque[Job] = deque()
         self._active: dict[int, Job] = {}
+        # A decode step's events for the clients, handed to the event loop in one callback:
+        # one wake-up of the loop per step instead of one per token per slot.
+        self._outbox: list[tuple[Job, Any]] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="ms4local-engine", daemon=True)
         self.on_load_failure: Callable[[BaseException], None] | None = None
@@ -264,6 +278,7 @@ class Scheduler:
 
     def _fail_all(self, error: APIError, *, queued: bool = True) -> None:
         """Answer the requests in the slots (and, if `queued`, those waiting) with `error`."""
+        self._flush()  # what was produced before the error arrives first
         jobs = list(self._active.values())
         self._active.clear()
         if queued:
@@ -337,6 +352,21 @@ class Scheduler:
             sampled = slots.sampled
             for seq, ev in events:
                 self._deliver(seq, ev)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the events gathered by `_deliver` to their event loops, one callback per loop."""
+        if not self._outbox:
+            return
+        box, self._outbox = self._outbox, []
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[Job, Any]]] = {}
+        for job, item in box:
+            loops.setdefault(job.loop, []).append((job, item))
+        for loop, items in loops.items():
+            try:
+                loop.call_soon_threadsafe(_hand_over, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
 
     def _prepare(self, job: Job) -> None:
         """Tokenize on this thread; a prompt that cannot be answered fails now, before it waits."""
@@ -412,13 +442,13 @@ class Scheduler:
             if job._filter is not None:
                 tail = job._filter.flush()
                 if tail:
-                    job.post(Delta(tail))
-            job.post(ev)
+                    job.stage(Delta(tail), self._outbox)
+            job.stage(ev, self._outbox)
             return
         if job._filter is not None and isinstance(ev, Delta) and not ev.reasoning:
             text, hit = job._filter.feed(ev.text)
             if text:
-                job.post(Delta(text))
+                job.stage(Delta(text), self._outbox)
             if hit:
                 assert self.slots is not None
                 job._filter = None
@@ -427,4 +457,4 @@ class Scheduler:
                         self._deliver(seq, end)
                     # text after the stop string is dropped; tool calls cannot follow it
             return
-        job.post(ev)
+        job.stage(ev, self._outbox)
