@@ -43,6 +43,7 @@ def sampling_for(effort: str, temp: float | None, max_tokens: int, seed: int | N
 @handle_errors
 @options.from_hub(projector=True)
 @options.isolate_rpc
+@options.engine_flags
 def chat(
     model: options.Model,
     prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Ask this, print the answer and exit.")] = None,
@@ -57,26 +58,9 @@ def chat(
     min_p: options.MinP = options.SAMPLING.min_p,
     repeat_penalty: options.RepeatPenalty = options.SAMPLING.repeat_penalty,
     as_json: options.Json = False,
-    ctx_size: options.CtxSize = 4096,
-    threads: options.Threads = None,
-    batch_size: options.BatchSize = 512,
-    ubatch_size: options.UbatchSize = 512,
-    flash_attn: options.FlashAttn = "auto",
-    cache_type_k: options.CacheTypeK = "f16",
-    cache_type_v: options.CacheTypeV = "f16",
-    n_gpu_layers: options.NGpuLayers = None,
-    cpu_moe: options.CpuMoe = False,
-    n_cpu_moe: options.NCpuMoe = 0,
-    override_tensor: options.OverrideTensor = None,
-    tensor_split: options.TensorSplit = None,
-    fit: options.Fit = None,
-    vram: options.Vram = None,
-    rpc: options.Rpc = None,
     image: options.ImagePath = None,
-    mmproj: options.Mmproj = None,
-    no_mmproj: options.NoMmproj = False,
-    no_repair: options.NoRepair = False,
-    image_max_tokens: options.ImageMaxTokens = 1024,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Chat with a GGUF model: interactive, or one-shot with --prompt; --image attaches pictures."""
     options.check_reasoning_effort(reasoning_effort)
@@ -86,13 +70,9 @@ def chat(
     max_tokens = options.max_tokens(max_tokens)
     check_model_path(model)
     knobs = {"top_p": top_p, "top_k": top_k, "min_p": min_p, "repeat_penalty": repeat_penalty}
-    opts = options.engine_options(
-        ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
-        cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
-        n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens, no_repair=no_repair, tensor_split=tensor_split, rpc=rpc)
+    opts = options.engine_options(**flags)
     images = list(image or [])
-    if images and no_mmproj:
+    if images and opts.no_mmproj:
         raise fail("--image needs the vision projector; drop --no-mmproj", 2)
     for source in images:  # a bad image fails here, before the model is loaded
         check_image(source)

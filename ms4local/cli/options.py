@@ -20,6 +20,7 @@ process (ms4local/child.py), where llama.cpp's abort on a lost rpc-server cannot
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, Optional, TypeVar
@@ -225,6 +226,42 @@ ImagePath = Annotated[Optional[list[str]], typer.Option(
     "--image", metavar="PATH", show_default=False,
     help="Image for the (first) message: a PNG, JPEG, WebP, GIF or BMP file or a data: URI; repeatable.")]
 
+
+
+def _flag(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+# The engine flags that `chat` and `serve` both take, in their --help order: declared here once and
+# added to each command's signature by `engine_flags`; the names are `engine_options`' parameters.
+ENGINE_FLAGS = (
+    _flag("ctx_size", CtxSize, 4096), _flag("threads", Threads, None), _flag("batch_size", BatchSize, 512),
+    _flag("ubatch_size", UbatchSize, 512), _flag("flash_attn", FlashAttn, "auto"),
+    _flag("cache_type_k", CacheTypeK, "f16"), _flag("cache_type_v", CacheTypeV, "f16"),
+    _flag("n_gpu_layers", NGpuLayers, None), _flag("cpu_moe", CpuMoe, False), _flag("n_cpu_moe", NCpuMoe, 0),
+    _flag("override_tensor", OverrideTensor, None), _flag("tensor_split", TensorSplit, None), _flag("fit", Fit, None),
+    _flag("vram", Vram, None), _flag("rpc", Rpc, None), _flag("mmproj", Mmproj, None),
+    _flag("no_mmproj", NoMmproj, False), _flag("no_repair", NoRepair, False),
+    _flag("image_max_tokens", ImageMaxTokens, 1024),
+)
+
+
+def engine_flags(func: F) -> F:
+    """Give a command the engine flags (ENGINE_FLAGS) after its own parameters, and call it with
+    their values gathered in one dict, `flags` (for `engine_options(**flags)`). Typer reads the
+    signature set here; the decorators above this one (`from_hub`, `isolate_rpc`) still see every
+    flag by its own name, and a child process gets the flags as the command line gave them."""
+    signature = inspect.signature(func, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "flags"]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flags = {p.name: kwargs.pop(p.name, p.default) for p in ENGINE_FLAGS}
+        return func(*args, flags=flags, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + list(ENGINE_FLAGS))  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + list(ENGINE_FLAGS)}
+    return wrapper  # type: ignore[return-value]
 
 def check_text(**flags: str | None) -> None:
     """Raise OptionsError naming the first option whose text is not valid UTF-8.

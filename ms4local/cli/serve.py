@@ -11,7 +11,7 @@ import os
 from dataclasses import replace
 from subprocess import Popen
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -29,6 +29,7 @@ FRONT_ENV = "MS4LOCAL_SERVE_FRONT"  # for the engine process behind the front: t
 
 @handle_errors
 @options.from_hub(projector=True)
+@options.engine_flags
 def serve(
     model: options.Model,
     host: Annotated[str, typer.Option("--host", help="Address to bind (a public one needs --api-key).")] = "127.0.0.1",
@@ -58,28 +59,12 @@ def serve(
     top_k: options.TopK = options.SAMPLING.top_k,
     min_p: options.MinP = options.SAMPLING.min_p,
     repeat_penalty: options.RepeatPenalty = options.SAMPLING.repeat_penalty,
-    ctx_size: options.CtxSize = 4096,
-    threads: options.Threads = None,
-    batch_size: options.BatchSize = 512,
-    ubatch_size: options.UbatchSize = 512,
-    flash_attn: options.FlashAttn = "auto",
-    cache_type_k: options.CacheTypeK = "f16",
-    cache_type_v: options.CacheTypeV = "f16",
-    n_gpu_layers: options.NGpuLayers = None,
-    cpu_moe: options.CpuMoe = False,
-    n_cpu_moe: options.NCpuMoe = 0,
-    override_tensor: options.OverrideTensor = None,
-    tensor_split: options.TensorSplit = None,
-    fit: options.Fit = None,
-    vram: options.Vram = None,
-    rpc: options.Rpc = None,
-    mmproj: options.Mmproj = None,
-    no_mmproj: options.NoMmproj = False,
-    no_repair: options.NoRepair = False,
-    image_max_tokens: options.ImageMaxTokens = 1024,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    arguments = dict(locals())  # every flag, for the engine process behind the front (--rpc)
+    # Every flag as the command line gave it, for the engine process behind the front (--rpc).
+    arguments = {**{k: v for k, v in locals().items() if k != "flags"}, **flags}
     try:
         from ..server import ImagePolicy, ServerConfig, is_loopback
         from ..server import serve as run
@@ -88,12 +73,7 @@ def serve(
     options.check_reasoning_effort(reasoning_effort)
     if max_queue < 0 or max_tokens < 1 or not 0 < port < 65536:
         raise fail("--max-queue must be 0 or more, -n at least 1 and --port within 1-65535", 2)
-    opts = options.engine_options(
-        ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size, flash_attn=flash_attn,
-        cache_type_k=cache_type_k, cache_type_v=cache_type_v, n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe,
-        n_cpu_moe=n_cpu_moe, override_tensor=override_tensor, fit=fit, vram=vram, mmproj=mmproj, no_mmproj=no_mmproj,
-        image_max_tokens=image_max_tokens, no_repair=no_repair, tensor_split=tensor_split, rpc=rpc)
-    opts = replace(opts, parallel=parallel)
+    opts = replace(options.engine_options(**flags), parallel=parallel)
     opts.check()
     sampling = Sampling(top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, max_tokens=max_tokens)
     config = ServerConfig(
