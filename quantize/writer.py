@@ -183,6 +183,7 @@ def output_lock(first: Path, *, inputs: frozenset[FileId] = frozenset()) -> Iter
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise OutputError(f"cannot create the lock file {path}: {e.strerror or e}; choose another -o") from None
+        owned = False
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -194,22 +195,37 @@ def output_lock(first: Path, *, inputs: frozenset[FileId] = frozenset()) -> Iter
                     raise OutputError(f"cannot lock {path}: {e.strerror or e}; choose another -o") from None
                 raise OutputError(f"output {first} is being written by another ms4local run ({_holder(fd)}); "
                                   "wait for it to finish, or stop it, or choose another -o") from None
-            try:
-                now = os.stat(path, follow_symlinks=False)
-            except FileNotFoundError:
-                now = None
-            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            if not _names(path, st):
                 continue  # locked a file its last holder had just removed: open the name again
+            owned = True
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
-            try:
-                yield
-            finally:
-                path.unlink(missing_ok=True)
+            yield
             return
+        except KeyboardInterrupt:
+            # Ctrl-C between creating the lock file and owning it: the file is this run's to remove
+            # when no other run holds it (a terminal's Ctrl-C right at the start leaves nothing).
+            if not owned and stat.S_ISREG(os.fstat(fd).st_mode) and _names(path, os.fstat(fd)):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            raise
         finally:
+            if owned:
+                path.unlink(missing_ok=True)
             os.close(fd)
     raise OutputError(f"cannot lock {path}: it keeps being replaced; is another run starting? choose another -o")
+
+
+def _names(path: Path, st: os.stat_result) -> bool:
+    """Whether `path` still names the file `st` describes (a holder may have just removed it)."""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _holder(fd: int) -> str:

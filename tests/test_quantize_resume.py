@@ -482,3 +482,37 @@ def test_ctrl_c_while_requantizing_a_gguf_promises_no_resume(src, gguf_file, out
     assert "Traceback" not in err and "cannot resume" in err and "starts over" in err, err
     assert "resume from the last complete tensor" not in err, err
     assert list(out_dir.iterdir()) == []
+
+
+def test_ctrl_c_before_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch):
+    """Ctrl-C in the instant between creating `.part.lock` and locking it (what a terminal's Ctrl-C
+    right at the start hits): the file goes; one another run holds stays."""
+    import fcntl
+
+    from quantize import writer
+
+    real = fcntl.flock
+    calls = []
+
+    def interrupted_once(fd, op):
+        calls.append(op)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(fd, op)
+
+    monkeypatch.setattr(writer.fcntl, "flock", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        with output_lock(tmp_path / "m.gguf"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(writer.fcntl, "flock", real)
+    # A lock another run holds is never removed by a run interrupted before it could take it.
+    with output_lock(tmp_path / "m.gguf"):
+        calls.clear()
+        monkeypatch.setattr(writer.fcntl, "flock", interrupted_once)
+        with pytest.raises(KeyboardInterrupt):
+            with output_lock(tmp_path / "m.gguf"):
+                pass
+        assert lock_path(tmp_path / "m.gguf").is_file()
+        monkeypatch.setattr(writer.fcntl, "flock", real)
+    assert list(tmp_path.iterdir()) == []
