@@ -105,6 +105,17 @@ def turn5(path: Path, threads: int) -> tuple[int, int, int]:
     raise AssertionError("unreachable")
 
 
+def bench_model(tmp: Path, out_type: str, threads: int, prompt_tokens: int) -> tuple[Path, list[int]]:
+    """SHAPE generated and converted to `out_type` in `tmp`, and a prompt of `prompt_tokens` ids
+    (bench-chat and bench-rpc measure the same model and prompt)."""
+    src = make_checkpoint(tmp / "ckpt", SHAPE)
+    gguf = convert(src, out=tmp / f"Bench-{out_type}.gguf", out_type=out_type, threads=threads,
+                   quant_report=False).output
+    with Engine(gguf, EngineOptions(vocab_only=True)) as e:
+        base = e.tokenize("The quick brown fox jumps over the lazy dog. " * 200, add_special=True)
+    return gguf, base[:prompt_tokens]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -116,14 +127,9 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ms4local-chat-bench-") as tmp:
-        src = make_checkpoint(Path(tmp) / "ckpt", SHAPE)
-        gguf = convert(src, out=Path(tmp) / f"Bench-{args.type}.gguf", out_type=args.type, threads=args.threads,
-                       quant_report=False).output
+        gguf, prompt = bench_model(Path(tmp), args.type, args.threads, args.prompt_tokens)
         size = gguf.stat().st_size
         ctx = args.prompt_tokens + args.decode_tokens + 16
-        with Engine(gguf, EngineOptions(vocab_only=True)) as e:
-            base = e.tokenize("The quick brown fox jumps over the lazy dog. " * 200, add_special=True)
-        prompt = base[: args.prompt_tokens]
         runs: dict[str, list[tuple[float, float, int]]] = {"ms4local": [], "llama-cpp-python": []}
         for r in range(args.repeats):
             order = [("ms4local", ours), ("llama-cpp-python", raw)]

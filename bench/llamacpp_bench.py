@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,17 +42,9 @@ import httpx2 as httpx  # noqa: E402  (the HTTP client the openai package ships 
 
 from llamacpp_build import BuildError, build, llama_cpp_python_version  # noqa: E402
 from quantize import convert  # noqa: E402
-from quantize.synth import TinySpec, make_checkpoint  # noqa: E402
+from quantize.synth import make_checkpoint  # noqa: E402
 
-SHAPE = TinySpec(layers=4, hidden=1024, heads=8, q_lora=256, kv_lora=256, nope=64, rope=64, v_dim=64,
-                 experts=16, top_k=4, moe_inter=512, inter=2048, vocab=8192, chat_template=True, seed=11)
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server_bench import BIN, SHAPE, free_port  # noqa: E402  (bench-server's model; bench/ is on sys.path)
 
 
 class Server:

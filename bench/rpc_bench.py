@@ -29,14 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quantize import convert  # noqa: E402
-from quantize.synth import TinySpec, make_checkpoint  # noqa: E402
 
 from ms4local import Engine, EngineOptions  # noqa: E402
 from ms4local.engine import Done, Sampling  # noqa: E402
 
-SHAPE = TinySpec(layers=4, hidden=1024, heads=8, q_lora=256, kv_lora=256, nope=64, rope=64, v_dim=64,
-                 experts=16, top_k=4, moe_inter=512, inter=2048, chat_template=True, seed=7)
+from chat_bench import SHAPE, bench_model  # noqa: E402  (bench/ is the script's folder: on sys.path)
+
 MS4LOCAL = Path(sys.executable).parent / "ms4local"
 
 
@@ -99,14 +97,9 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ms4local-rpc-bench-") as tmp:
-        src = make_checkpoint(Path(tmp) / "ckpt", SHAPE)
-        gguf = convert(src, out=Path(tmp) / f"Bench-{args.type}.gguf", out_type=args.type, threads=args.threads,
-                       quant_report=False).output
+        gguf, prompt = bench_model(Path(tmp), args.type, args.threads, args.prompt_tokens)
         size = gguf.stat().st_size
         ctx = args.prompt_tokens + args.decode_tokens + 16
-        with Engine(gguf, EngineOptions(vocab_only=True)) as e:
-            base = e.tokenize("The quick brown fox jumps over the lazy dog. " * 200, add_special=True)
-        prompt = base[: args.prompt_tokens]
         servers = [start_server(args.threads, Path(tmp) / f"rpc-server-{i}.log") for i in range(2)]
         eps = [ep for _, ep in servers]
         setups = {"local (CPU)": [], "1 rpc-server": eps[:1], "2 rpc-servers": eps}
