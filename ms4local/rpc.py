@@ -78,11 +78,12 @@ class RemoteServer:
 
 
 def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and `localhost`."""
+    """Whether `host` keeps traffic on this machine: 127.0.0.0/8, ::1 (bracketed or not) and
+    `localhost`; a host name may resolve to anything. For rpc-servers and `serve` alike."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 

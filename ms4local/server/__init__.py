@@ -10,27 +10,17 @@ raises ImportError, which the CLI turns into that one line.
 
 from __future__ import annotations
 
-import ipaddress
 import signal
 import sys
 from collections.abc import Callable
 
+from ..rpc import is_loopback
 from .app import create_app
 from .config import ServerConfig
 from .image_urls import ImagePolicy
 from .scheduler import Scheduler
 
 __all__ = ["ImagePolicy", "Scheduler", "ServerConfig", "create_app", "is_loopback", "serve"]
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding `host` keeps the server on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def serve(load: Callable[[], object], config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8080,

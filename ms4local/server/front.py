@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from ..errors import RpcError
 from ..rpc import Endpoint, preflight
+from .sse import event
 
 RETRY_AFTER = "5"
 PROBE_EVERY = 1.0  # seconds between probes of the rpc-servers while the engine is down
@@ -144,7 +145,7 @@ def _unavailable(engine: EngineProcess, path: str, reason: str | None = None) ->
 
 def _error_event(reason: str) -> bytes:
     body = {"error": {"message": reason, "type": "server_error", "param": None, "code": "engine_lost"}}
-    return f"data: {json.dumps(body)}\r\n\r\ndata: [DONE]\r\n\r\n".encode()
+    return event(json.dumps(body)) + event("[DONE]")
 
 
 def create_front(engine: EngineProcess) -> Starlette:
