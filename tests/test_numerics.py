@@ -16,6 +16,7 @@ import pytest
 from gguf import GGMLQuantizationType as T, GGUFReader
 
 from ms4local import Engine, EngineOptions
+from ms4local.engine import Sampling
 from quantize.synth import TinySpec
 from reference.mistral4_ref import forward, load_checkpoint
 
@@ -135,3 +136,26 @@ def test_reference_is_sensitive_to_temperature_keys(ckpt, tokens):
     early = np.abs(a[: BASE.orig_ctx] - b[: BASE.orig_ctx]).max()
     late = np.abs(a[BASE.orig_ctx:] - b[BASE.orig_ctx:]).max()
     assert early < 1e-9 and late > 1e-2
+
+
+def test_a_context_short_of_the_temperature_length_reuses_the_graph_with_the_same_logits(ckpt, gguf_file, tokens):
+    """Below temperature_length the query factor is exactly 1, so a context no position of which
+    reaches it is loaded with the scale off (engine/repair.unit_temperature). llama.cpp then reuses
+    the decode graph from step to step, which it cannot while the temperature input is in the
+    graph, and every logit stays what it was, bit for bit, and matches the reference."""
+    src = ckpt(TinySpec(vocab=4096, orig_ctx=512, layers=3))
+    path = gguf_file(src, "F32")
+
+    def run(ctx):
+        with Engine(path, EngineOptions(ctx_size=ctx, type_k="f32", type_v="f32", flash_attn="off")) as e:
+            logits = e.logits(tokens).astype(np.float64)
+            e.reset_perf()
+            list(e.generate(tokens, Sampling(temperature=0, max_tokens=8, logit_bias=((e.eos_id, -100.0),))))
+            return logits, e.graphs_reused()
+
+    short, reused = run(512)  # positions 0..511: the factor is 1 at all of them
+    full, rebuilt = run(768)  # positions up to 767: the temperature input stays in the graph
+    np.testing.assert_array_equal(short, full)
+    assert np.abs(scaled(short, forward(load_checkpoint(src), tokens))).max() <= 1e-3
+    assert reused >= 6
+    assert rebuilt == 0, "llama.cpp now reuses graphs with the temperature input: unit_temperature may go"

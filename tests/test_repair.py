@@ -22,7 +22,9 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from ms4local import Engine, EngineOptions
+from ms4local.engine.repair import unit_temperature
 from ms4local.errors import ModelLoadError
+from ms4local.gguf_model import ModelInfo
 from quantize import convert
 from quantize.synth import TinySpec
 from reference.mistral4_ref import forward, load_checkpoint
@@ -111,6 +113,26 @@ def test_a_file_with_the_keys_is_left_alone(ckpt, gguf_file):
     path = gguf_file(ckpt(BASE), "F32")
     with Engine(path, EngineOptions(ctx_size=64)) as e:
         assert e.repairs == []
+
+
+SCALE, LENGTH = "mistral4.attention.temperature_scale", "mistral4.attention.temperature_length"
+
+
+@pytest.mark.parametrize("n_ctx,off", [(256, True), (500, True), (512, True), (513, False), (8192, False)])
+def test_the_temperature_is_turned_off_only_where_no_position_reaches_its_length(n_ctx, off):
+    """The factor is 1 below L = 512; llama.cpp rounds n_ctx up to a multiple of 256 (500 -> 512,
+    513 -> 768), and a context of 768 has positions 512.. where it is not."""
+    info = ModelInfo(Path("m.gguf"), "mistral4", {SCALE: 0.1, LENGTH: 512}, ())
+    assert unit_temperature(info, {}, n_ctx) == ({SCALE: 0.0} if off else {})
+
+
+def test_the_temperature_is_turned_off_from_the_keys_in_effect():
+    bare = ModelInfo(Path("m.gguf"), "mistral4", {}, ())
+    assert unit_temperature(bare, {}, 256) == {}  # no scaling to turn off
+    assert unit_temperature(bare, {SCALE: 0.1, LENGTH: 8192}, 4096) == {SCALE: 0.0}  # the repair's keys
+    other = ModelInfo(Path("m.gguf"), "llama", {"llama.attention.temperature_scale": 0.1,
+                                                "llama.attention.temperature_length": 8192}, ())
+    assert unit_temperature(other, {}, 256) == {}  # another family's formula may have an offset
 
 
 def test_the_cli_announces_the_repair_once_and_info_shows_it(third_party, cli_env):

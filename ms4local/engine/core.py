@@ -32,7 +32,7 @@ from ..tokenizer import NotTekken, SpecialTokens, Tokenizer, check_text, llama_s
 from .devices import Placement, gpu_devices, model_device_handles, override_array, override_rules, place
 from .events import ChatStream, Done, Event, Timings, Usage
 from .library import kv_override_array, last_error, llama, log_mark, put_row
-from .repair import describe, has_img_break, load_failure, repaired_mmproj, temperature_overrides
+from .repair import describe, has_img_break, load_failure, repaired_mmproj, temperature_overrides, unit_temperature
 from .options import FLASH_ATTN, KV_TYPES, EngineOptions, Sampling, check_cache_types, check_model_path
 from .token_events import TokenEvents
 from .vision import Vision, reusable_prefix
@@ -101,9 +101,11 @@ class Engine:
             mparams.tensor_buft_overrides = ctypes.addressof(self._overrides)
         self.repairs: list[str] = []  # what was made right at load (repair.py), one line each
         fixes = temperature_overrides(info) if info is not None and opts.repair else {}
-        self._kv_overrides = kv_override_array(fixes)
+        speed = unit_temperature(info, fixes, opts.ctx_size) if info is not None and not opts.vocab_only else {}
+        self._kv_overrides = kv_override_array({**fixes, **speed})
         if self._kv_overrides is not None:
             mparams.kv_overrides = self._kv_overrides
+        if fixes:
             self._notice(describe(fixes, self.path.name))
 
         def on_progress(p: float, _user: Any) -> bool:
@@ -148,6 +150,10 @@ class Engine:
             self.model = None
             raise ContextError(f"llama.cpp could not create a context: {last_error(mark)}")
         self.n_ctx = L.llama_n_ctx(self.ctx)
+        if speed and not unit_temperature(info, fixes, self.n_ctx):  # llama.cpp padded n_ctx past L
+            self.close()
+            raise ContextError(f"llama.cpp made a context of {self.n_ctx} tokens from -c {opts.ctx_size}, past the "
+                               "query temperature length the model was loaded for; use a -c that is a multiple of 256")
         self._batch = L.llama_batch_init(opts.batch_size, 0, 1)
         self.n_embd = L.llama_model_n_embd(self.model)
         if not opts.no_mmproj:
@@ -708,6 +714,11 @@ class Engine:
         L.llama_synchronize(self.ctx)
         d = L.llama_perf_context(self.ctx)
         return {"prompt_eval": int(d.n_p_eval), "eval": int(d.n_eval)}
+
+    def graphs_reused(self) -> int:
+        """How many evaluations since the context was made (or `reset_perf`) reused the previous
+        one's compute graph instead of building and allocating a new one (llama.cpp's counter)."""
+        return int(llama().llama_perf_context(self.ctx).n_reused)
 
     def reset_perf(self) -> None:
         llama().llama_perf_context_reset(self.ctx)

@@ -15,6 +15,11 @@ cache):
   dequantized from its `token_embd` — written once under ms4local's cache directory (a temporary
   name renamed when complete) and reused from then on.
 
+One override here is not a repair but follows from the same keys (`unit_temperature`): below
+`temperature_length` the query factor is exactly 1, so a context that never reaches that length
+loads with the scale set to 0, which leaves the math unchanged and lets llama.cpp reuse its decode
+graph from token to token.
+
 What cannot be repaired — another model family, a key set this llama.cpp does not read — is
 said in one line by `load_failure`, naming what the file is rather than only llama.cpp's reason.
 """
@@ -73,6 +78,29 @@ def temperature_overrides(info: ModelInfo) -> dict[str, float | int]:
     if scale is None:
         out[scale_key] = LLAMA4_BETA
     return out
+
+
+def unit_temperature(info: ModelInfo, fixes: dict[str, float | int], n_ctx: int) -> dict[str, float | int]:
+    """The override that turns the query temperature off where it is exactly 1 ({} elsewhere).
+
+    llama.cpp multiplies the queries by `1 + β·ln(floor(pos/L) + 1)` (offset 0 for mistral4 and
+    deepseek2: `llama_model_deepseek2::load_arch_hparams`), which is 1.0 exactly for every
+    position below L = `temperature_length`. The multiply is a graph input whose class has no
+    `can_reuse` in this llama.cpp (`llm_graph_input_attn_temp`), so while β ≠ 0 every decode
+    step rebuilds and re-allocates the whole graph — llama-server and llama-bench included. When
+    no position can reach L (llama.cpp pads n_ctx up to a multiple of 256, and positions stay
+    below n_ctx), β = 0 gives bit-identical logits and a reused graph: 3–4% more decode t/s on
+    the bench model (bench/results/llamacpp.md). `fixes` are the repair's overrides, which take
+    the place of the file's keys.
+    """
+    if info.arch not in MISTRAL4_ARCHS:
+        return {}
+    scale_key, length_key = f"{info.arch}.attention.temperature_scale", f"{info.arch}.attention.temperature_length"
+    scale = fixes.get(scale_key, info.metadata.get(scale_key))
+    length = fixes.get(length_key, info.metadata.get(length_key))
+    if not scale or not isinstance(length, int) or length <= 0:
+        return {}
+    return {scale_key: 0.0} if -(-n_ctx // 256) * 256 <= length else {}
 
 
 def describe(overrides: dict[str, float | int], name: str) -> str:
