@@ -265,3 +265,24 @@ def test_ctx_size_is_judged_from_the_header_before_loading(model):
         Engine(model, EngineOptions(ctx_size=4_000_000_000))
     with pytest.raises(OptionsError, match="at most 4294967040"):
         EngineOptions(ctx_size=2**32).check()  # llama.cpp's n_ctx is a uint32: it would wrap
+
+
+def test_load_mode_chooses_how_llama_cpp_reads_the_weights(model):
+    """-lm/--load-mode is llama.cpp's: mapped from the file, or read into RAM; the answer is the same.
+    (The option was once a `use_mmap` field that this llama.cpp's struct no longer has, so it
+    did nothing: llama.cpp's own log says which buffer the weights are in.)"""
+    from ms4local.engine import library
+    from ms4local.errors import OptionsError
+
+    answers, buffers = {}, {}
+    for mode in ("mmap", "none"):
+        mark = library.log_mark()
+        with Engine(model, EngineOptions(ctx_size=256, load_mode=mode)) as e:
+            answers[mode] = [ev.text for ev in e.generate(e.tokenize("Bonjour", add_special=True),
+                                                          Sampling(temperature=0, max_tokens=6)) if isinstance(ev, Delta)]
+        buffers[mode] = [line.split("model buffer")[0].split()[-1] for line in library.log_text(mark).splitlines()
+                         if "model buffer size" in line]
+    assert buffers == {"mmap": ["CPU_Mapped"], "none": ["CPU"]}
+    assert answers["mmap"] == answers["none"]
+    with pytest.raises(OptionsError, match="^-lm/--load-mode must be one of auto, none, mmap, mlock, mmap\\+mlock, dio, got 'ram'$"):
+        EngineOptions(load_mode="ram").check()

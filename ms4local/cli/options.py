@@ -182,6 +182,9 @@ BatchSize = Annotated[int, typer.Option("-b", "--batch-size", help="Prompt token
 UbatchSize = Annotated[int, typer.Option(
     "-ub", "--ubatch-size", help="Tokens computed at once (the compute buffers grow with it).")]
 FlashAttn = Annotated[str, typer.Option("-fa", "--flash-attn", metavar="on|off|auto", help="Flash attention.")]
+LoadMode = Annotated[str, typer.Option(
+    "-lm", "--load-mode", metavar="auto|none|mmap|mlock|mmap+mlock|dio",
+    help="How llama.cpp reads the weights: mapped from the file (mmap), read into RAM (none), locked in RAM (mlock).")]
 CacheTypeK = Annotated[str, typer.Option(
     "-ctk", "--cache-type-k", help="KV cache type: f16, bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl. "
                                    "Mistral 4's MLA cache needs -ctv equal to it.")]
@@ -236,7 +239,7 @@ def _flag(name: str, annotation: Any, default: Any) -> inspect.Parameter:
 # added to each command's signature by `engine_flags`; the names are `engine_options`' parameters.
 ENGINE_FLAGS = (
     _flag("ctx_size", CtxSize, 4096), _flag("threads", Threads, None), _flag("batch_size", BatchSize, 512),
-    _flag("ubatch_size", UbatchSize, 512), _flag("flash_attn", FlashAttn, "auto"),
+    _flag("ubatch_size", UbatchSize, 512), _flag("flash_attn", FlashAttn, "auto"), _flag("load_mode", LoadMode, "auto"),
     _flag("cache_type_k", CacheTypeK, "f16"), _flag("cache_type_v", CacheTypeV, "f16"),
     _flag("n_gpu_layers", NGpuLayers, None), _flag("cpu_moe", CpuMoe, False), _flag("n_cpu_moe", NCpuMoe, 0),
     _flag("override_tensor", OverrideTensor, None), _flag("tensor_split", TensorSplit, None), _flag("fit", Fit, None),
@@ -323,7 +326,7 @@ def parse_tensor_split(value: str | None) -> list[float]:
 
 
 def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_size: int = 512,
-                   ubatch_size: int = 512, flash_attn: str = "auto", cache_type_k: str = "f16",
+                   ubatch_size: int = 512, flash_attn: str = "auto", load_mode: str = "auto", cache_type_k: str = "f16",
                    cache_type_v: str = "f16", n_gpu_layers: str | int | None = None, cpu_moe: bool = False,
                    n_cpu_moe: int = 0, override_tensor: list[str] | None = None, fit: bool | None = None,
                    vram: str | int | None = None, mmproj: str | None = None, no_mmproj: bool = False,
@@ -337,7 +340,8 @@ def engine_options(*, ctx_size: int = 4096, threads: int | None = None, batch_si
     """
     opts = EngineOptions(
         ctx_size=ctx_size, threads=threads, batch_size=batch_size, ubatch_size=ubatch_size,
-        flash_attn=flash_attn.strip().lower(), type_k=cache_type_k.strip().lower(), type_v=cache_type_v.strip().lower(),
+        flash_attn=flash_attn.strip().lower(), load_mode=load_mode.strip().lower(),
+        type_k=cache_type_k.strip().lower(), type_v=cache_type_v.strip().lower(),
         n_gpu_layers=parse_gpu_layers(n_gpu_layers), cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
         override_tensor=list(override_tensor or []), fit=fit,
         vram=parse_size(vram) if isinstance(vram, str) else vram, mmproj=mmproj, no_mmproj=no_mmproj,

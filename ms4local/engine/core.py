@@ -33,7 +33,7 @@ from .devices import Placement, gpu_devices, model_device_handles, override_arra
 from .events import ChatStream, Done, Event, Timings, Usage
 from .library import kv_override_array, last_error, llama, log_mark, put_row
 from .repair import describe, has_img_break, load_failure, repaired_mmproj, temperature_overrides, unit_temperature
-from .options import FLASH_ATTN, KV_TYPES, EngineOptions, Sampling, check_cache_types, check_model_path
+from .options import FLASH_ATTN, KV_TYPES, LOAD_MODES, EngineOptions, Sampling, check_cache_types, check_model_path
 from .token_events import TokenEvents
 from .vision import Vision, reusable_prefix
 
@@ -84,7 +84,7 @@ class Engine:
         mark = log_mark()
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = -1 if popts.n_gpu_layers is None else popts.n_gpu_layers
-        mparams.use_mmap = opts.use_mmap
+        mparams.load_mode = LOAD_MODES[opts.load_mode]
         mparams.vocab_only = opts.vocab_only
         if self.placement.single_gpu is not None:
             mparams.split_mode = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu

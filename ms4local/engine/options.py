@@ -38,7 +38,9 @@ class EngineOptions:
     type_v: str = "f16"
     flash_attn: str = "auto"  # on | off | auto
     logits_all: bool = False  # keep every position's logits (tests, eval)
-    use_mmap: bool = True
+    # How llama.cpp reads the weights (its -lm/--load-mode): auto, none (read into RAM), mmap, mlock,
+    # mmap+mlock, dio (direct I/O).
+    load_mode: str = "auto"
     vocab_only: bool = False  # tokenizer and metadata only (fast; no weights, no context)
     cpu_moe: bool = False
     n_cpu_moe: int = 0
@@ -80,6 +82,8 @@ class EngineOptions:
             raise OptionsError(f"-t/--threads must be at least 1, got {self.threads}")
         if self.flash_attn not in FLASH_ATTN:
             raise OptionsError(f"-fa/--flash-attn must be on, off or auto, got {self.flash_attn!r}")
+        if self.load_mode not in LOAD_MODES:
+            raise OptionsError(f"-lm/--load-mode must be one of {', '.join(LOAD_MODES)}, got {self.load_mode!r}")
         for flag, value in (("-ctk/--cache-type-k", self.type_k), ("-ctv/--cache-type-v", self.type_v)):
             if value not in KV_TYPES:
                 raise OptionsError(f"{flag} must be one of {', '.join(KV_TYPES)}, got {value!r}")
@@ -159,6 +163,7 @@ def _size(n: int) -> str:
 MAX_DEVICES = 16  # llama_max_devices(): the length of llama.cpp's tensor_split array
 MAX_CTX = 2**32 - 256  # llama.cpp's uint32 n_ctx, rounded up to its 256-cell padding
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+LOAD_MODES = {"auto": -1, "none": 0, "mmap": 1, "mlock": 2, "mmap+mlock": 3, "dio": 4}  # llama.h's llama_load_mode
 QUANTIZED_KV = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
 
 
