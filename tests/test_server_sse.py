@@ -1,5 +1,5 @@
 """The streaming path of `serve` made lean for speed (issue #17): the pre-encoded chunk JSON is the
-JSON that `json.dumps` gives for the whole chunk object, a decode step's events reach a stream
+compact JSON (OpenAI's wire form) of the whole chunk object, a decode step's events reach a stream
 together, and the SSE response keeps what sse-starlette did (headers, pings, send timeout,
 cancel on disconnect). Unit tests drive the pieces with a fake ASGI peer; one test reads the
 raw bytes of a real server's streams."""
@@ -30,8 +30,9 @@ def test_framed_chunks_are_the_json_of_the_whole_object(text):
            "usage": None}
     choice = {"index": 0, "delta": None, "finish_reason": None, "logprobs": None}
     frame, inner = _framer(obj, "choices"), _framer(choice, "delta")
-    got = frame("[" + inner('{"content": ' + _string(text) + "}") + "]")
-    want = json.dumps({**obj, "choices": [{**choice, "delta": {"content": text}}]}, ensure_ascii=False)
+    got = frame("[" + inner('{"content":' + _string(text) + "}") + "]")
+    want = json.dumps({**obj, "choices": [{**choice, "delta": {"content": text}}]}, ensure_ascii=False,
+                      separators=(",", ":"))
     assert got == want
     assert json.loads(got)["choices"][0]["delta"]["content"] == text
 
@@ -194,7 +195,7 @@ def _stream(port: int, path: str, body: dict) -> tuple[dict, list[str]]:
     return dict(r.getheaders()), [e.removeprefix("data: ") for e in events[:-1]]
 
 
-def test_raw_streams_are_the_old_encoding_and_say_the_same_as_whole_answers(model, endless):
+def test_raw_streams_are_compact_json_and_say_the_same_as_whole_answers(model, endless):
     with running(model, "-c", "2048", "--parallel", "2") as s:
         client = s.client()
         for path, body in [
@@ -209,8 +210,8 @@ def test_raw_streams_are_the_old_encoding_and_say_the_same_as_whole_answers(mode
             assert headers["content-type"] == "text/event-stream; charset=utf-8"
             assert events[-1] == "[DONE]" and all(not e.startswith(":") for e in events)
             chunks = [json.loads(e) for e in events[:-1]]
-            for e, c in zip(events[:-1], chunks):  # byte for byte what json.dumps wrote before
-                assert e in (json.dumps(c, ensure_ascii=False), json.dumps(c))
+            for e, c in zip(events[:-1], chunks):  # byte for byte the compact JSON of each chunk
+                assert e == json.dumps(c, ensure_ascii=False, separators=(",", ":"))
             usage = chunks[-1]["usage"]
             assert usage["completion_tokens"] == 16 and not chunks[-1]["choices"]
             if path == "/v1/chat/completions":

@@ -65,6 +65,7 @@ class Engine:
         self._batch = None
         self._embd_batch = None
         self.vision: Vision | None = None  # the projector, when one is loaded
+        self._pieces: dict[bool, dict[int, bytes]] = {True: {}, False: {}}  # `piece` by `special`
         self.mmproj: Path | None = None  # the vision projector in use
         check_model_path(self.path)
         opts.check()
@@ -373,13 +374,17 @@ class Engine:
         pseudo-ids that stand for image embeddings in a prompt (< 0)."""
         if token < 0:
             return b""
-        L = llama()
-        buf = ctypes.create_string_buffer(64)
-        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+        cache = self._pieces[special]  # a token's bytes never change: one llama.cpp call per id
+        piece = cache.get(token)
+        if piece is None:
+            L = llama()
+            buf = ctypes.create_string_buffer(64)
             n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            piece = cache[token] = buf.raw[:n]
+        return piece
 
     def detokenize(self, tokens: list[int], *, special: bool = True) -> str:
         return b"".join(self.piece(t, special=special) for t in tokens).decode("utf-8", "replace")

@@ -32,7 +32,7 @@ from .gate import Gate
 from .metrics import prometheus
 from .scheduler import Failed, Job, Scheduler, Started
 from .schemas import ChatRequest, CompletionRequest
-from .sse import SSEResponse, event
+from .sse import SSEResponse, event, to_json
 from .translate import effort_of, grammar_of, messages_of, sampling_of, stops_of
 
 
@@ -190,11 +190,11 @@ async def _batches(job: Job) -> AsyncIterator[list[Any]]:
 
 
 def _framer(obj: dict[str, Any], slot: str) -> Callable[[str], str]:
-    """`json.dumps(obj, ensure_ascii=False)` with the JSON text `part` in place of the value at
+    """`to_json(obj)` with the JSON text `part` in place of the value at
     key `slot`, without encoding the constant rest again: the chunk's prefix and suffix are
     encoded once per stream (the per-token cost is then one string's escaping)."""
     marker = "\ue000ms4local-slot\ue000"
-    head, tail = json.dumps({**obj, slot: marker}, ensure_ascii=False).split(json.dumps(marker, ensure_ascii=False))
+    head, tail = to_json({**obj, slot: marker}).split(to_json(marker))
     return lambda part: head + part + tail
 
 
@@ -306,7 +306,7 @@ async def _chat_stream(scheduler: Scheduler, job: Job, model_id: str, cid: str, 
     """SSE chunks: role first, then content / reasoning_content / tool_calls deltas, the finish
     reason, usage (when asked) and [DONE]. Cancelling this generator (client gone) stops the job.
 
-    Each chunk is the JSON `json.dumps(chunk_object, ensure_ascii=False)` gives; the constant
+    Each chunk is the JSON `to_json(chunk_object)` gives; the constant
     parts are encoded once per stream (`_framer`), and all events that are waiting go out in one
     write (`_batches`)."""
     base: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
@@ -324,35 +324,33 @@ async def _chat_stream(scheduler: Scheduler, job: Job, model_id: str, cid: str, 
 
     ids: dict[int, str] = {}
     try:
-        yield event(chunk('{"role": "assistant", "content": ""}'))
+        yield event(chunk('{"role":"assistant","content":""}'))
         try:
             async for batch in _batches(job):
                 out = []
                 for item in batch:
                     if isinstance(item, Delta):
-                        out.append(chunk(('{"reasoning_content": ' if item.reasoning else '{"content": ')
+                        out.append(chunk(('{"reasoning_content":' if item.reasoning else '{"content":')
                                          + _string(item.text) + "}"))
                     elif isinstance(item, ToolCallDelta):
                         if item.index not in ids:
                             ids[item.index] = _call_id()
-                            out.append(chunk(json.dumps(
+                            out.append(chunk(to_json(
                                 {"tool_calls": [{"index": item.index, "id": ids[item.index], "type": "function",
-                                                 "function": {"name": item.name, "arguments": item.arguments}}]},
-                                ensure_ascii=False)))
+                                                 "function": {"name": item.name, "arguments": item.arguments}}]})))
                         elif item.arguments:
-                            out.append(chunk(json.dumps(
-                                {"tool_calls": [{"index": item.index, "function": {"arguments": item.arguments}}]},
-                                ensure_ascii=False)))
+                            out.append(chunk(to_json(
+                                {"tool_calls": [{"index": item.index, "function": {"arguments": item.arguments}}]})))
                     elif isinstance(item, Done):
                         out.append(chunk("{}", item.finish_reason))
                         if include_usage:
-                            out.append(json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                            out.append(to_json({"id": cid, "object": "chat.completion.chunk", "created": created,
                                                    "model": model_id, "system_fingerprint": "ms4local", "choices": [],
                                                    "usage": usage_of(item)}))
                 if out:
                     yield b"".join(event(o) for o in out)
         except APIError as e:  # headers are sent: the error goes into the stream
-            yield event(json.dumps(e.body()))
+            yield event(to_json(e.body()))
         yield event("[DONE]")
     finally:
         scheduler.cancel(job)
@@ -416,13 +414,13 @@ def _complete_stream(config: ServerConfig, scheduler: Scheduler, job: Job, body:
                         if isinstance(item, Delta):
                             out.append(text_chunk("[" + choice(_string(item.text)) + "]"))
                         elif isinstance(item, Done):
-                            out.append(json.dumps(obj("", item.finish_reason)))
+                            out.append(to_json(obj("", item.finish_reason)))
                             if include_usage:
-                                out.append(json.dumps({**obj("", None), "choices": [], "usage": usage_of(item)}))
+                                out.append(to_json({**obj("", None), "choices": [], "usage": usage_of(item)}))
                     if out:
                         yield b"".join(event(o) for o in out)
             except APIError as e:
-                yield event(json.dumps(e.body()))
+                yield event(to_json(e.body()))
             yield event("[DONE]")
         finally:
             scheduler.cancel(job)

@@ -13,7 +13,6 @@ not load, a flag is wrong) ends the front too, with its exit code.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import socket
 import subprocess
@@ -30,7 +29,7 @@ from starlette.routing import Route
 
 from ..errors import RpcError
 from ..rpc import Endpoint, preflight
-from .sse import event
+from .sse import event, to_json
 
 RETRY_AFTER = "5"
 PROBE_EVERY = 1.0  # seconds between probes of the rpc-servers while the engine is down
@@ -145,7 +144,7 @@ def _unavailable(engine: EngineProcess, path: str, reason: str | None = None) ->
 
 def _error_event(reason: str) -> bytes:
     body = {"error": {"message": reason, "type": "server_error", "param": None, "code": "engine_lost"}}
-    return event(json.dumps(body)) + event("[DONE]")
+    return event(to_json(body)) + event("[DONE]")
 
 
 def create_front(engine: EngineProcess) -> Starlette:
