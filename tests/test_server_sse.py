@@ -123,7 +123,7 @@ def test_sse_response_streams_pings_when_idle_and_ends_the_body():
     assert start["type"] == "http.response.start" and start["status"] == 200
     assert (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
     text = peer.body().decode()
-    assert text.startswith('data: {"a": 1}\r\n\r\n') and text.endswith("data: [DONE]\r\n\r\n")
+    assert text.startswith('data: {"a": 1}\n\n') and text.endswith("data: [DONE]\n\n")
     assert ": ping - " in text  # the stream was idle for 0.5 s with ping=0.1
     assert peer.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert closed == [True]
@@ -147,7 +147,7 @@ def test_sse_response_stops_the_body_when_the_client_leaves():
         return peer
 
     peer = asyncio.run(run())
-    assert closed == [True] and peer.body().startswith(b"data: {}\r\n\r\n")
+    assert closed == [True] and peer.body().startswith(b"data: {}\n\n")
 
 
 def test_sse_response_gives_up_on_a_client_that_stopped_reading():
@@ -190,7 +190,7 @@ def _stream(port: int, path: str, body: dict) -> tuple[dict, list[str]]:
     raw = r.read().decode("utf-8")
     conn.close()
     assert r.status == 200, raw
-    events = raw.split("\r\n\r\n")
+    events = raw.split("\n\n")
     assert events[-1] == ""
     return dict(r.getheaders()), [e.removeprefix("data: ") for e in events[:-1]]
 

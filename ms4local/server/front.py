@@ -180,7 +180,7 @@ def create_front(engine: EngineProcess) -> Starlette:
             except httpx.TransportError:
                 await engine.wait_down(engine.death_wait)
                 if streaming:  # headers are sent: the error goes into the stream, as the server's own do
-                    yield (b"" if tail.endswith(b"\n\n") else b"\r\n\r\n") + _error_event(
+                    yield (b"" if tail.endswith(b"\n\n") else b"\n\n") + _error_event(
                         engine.reason or "the engine process went away")
             finally:
                 await upstream.aclose()

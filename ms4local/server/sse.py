@@ -37,8 +37,9 @@ def to_json(obj: Any) -> str:
 
 
 def event(data: str) -> bytes:
-    """One SSE event whose data is a single line (JSON, "[DONE]")."""
-    return b"data: " + data.encode("utf-8") + b"\r\n\r\n"
+    """One SSE event whose data is a single line (JSON, "[DONE]"), its lines ended by a bare LF as
+    OpenAI's API and llama-server end theirs (a client's line splitter does least work on it)."""
+    return b"data: " + data.encode("utf-8") + b"\n\n"
 
 
 class SSEResponse(Response):
@@ -100,7 +101,7 @@ class SSEResponse(Response):
                     return
             elif now - self._last_write >= self.ping:
                 self._sending_since = now
-                comment = f": ping - {datetime.now(timezone.utc)}\r\n\r\n".encode()
+                comment = f": ping - {datetime.now(timezone.utc)}\n\n".encode()
                 await send({"type": "http.response.body", "body": comment, "more_body": True})
                 self._last_write, self._sending_since = now, None
 
