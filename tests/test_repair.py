@@ -126,6 +126,15 @@ def test_the_temperature_is_turned_off_only_where_no_position_reaches_its_length
     assert unit_temperature(info, {}, n_ctx) == ({SCALE: 0.0} if off else {})
 
 
+@pytest.mark.parametrize("n_ctx,n_seq,off", [(2048, 4, True), (2049, 4, False), (512, 4, True), (512, 1, True),
+                                             (4096, 2, False)])
+def test_with_several_sequences_each_one_s_cells_count(n_ctx, n_seq, off):
+    """`--parallel N`: each sequence gets n_ctx/N cells, rounded up to 256 again (512/4 -> 256;
+    2049 -> 2304, /4 = 576 -> 768), and its positions stay below that."""
+    info = ModelInfo(Path("m.gguf"), "mistral4", {SCALE: 0.1, LENGTH: 512}, ())
+    assert unit_temperature(info, {}, n_ctx, n_seq) == ({SCALE: 0.0} if off else {})
+
+
 def test_the_temperature_is_turned_off_from_the_keys_in_effect():
     bare = ModelInfo(Path("m.gguf"), "mistral4", {}, ())
     assert unit_temperature(bare, {}, 256) == {}  # no scaling to turn off

@@ -102,7 +102,8 @@ class Engine:
             mparams.tensor_buft_overrides = ctypes.addressof(self._overrides)
         self.repairs: list[str] = []  # what was made right at load (repair.py), one line each
         fixes = temperature_overrides(info) if info is not None and opts.repair else {}
-        speed = unit_temperature(info, fixes, opts.ctx_size) if info is not None and not opts.vocab_only else {}
+        speed = (unit_temperature(info, fixes, opts.ctx_size, opts.parallel)
+                 if info is not None and not opts.vocab_only else {})
         self._kv_overrides = kv_override_array({**fixes, **speed})
         if self._kv_overrides is not None:
             mparams.kv_overrides = self._kv_overrides
@@ -151,10 +152,10 @@ class Engine:
             self.model = None
             raise ContextError(f"llama.cpp could not create a context: {last_error(mark)}")
         self.n_ctx = L.llama_n_ctx(self.ctx)
-        if speed and not unit_temperature(info, fixes, self.n_ctx):  # llama.cpp padded n_ctx past L
+        if speed and not unit_temperature(info, fixes, L.llama_n_ctx_seq(self.ctx)):  # sized past L after all
             self.close()
-            raise ContextError(f"llama.cpp made a context of {self.n_ctx} tokens from -c {opts.ctx_size}, past the "
-                               "query temperature length the model was loaded for; use a -c that is a multiple of 256")
+            raise ContextError(f"llama.cpp gave each sequence {L.llama_n_ctx_seq(self.ctx)} tokens from -c "
+                               f"{opts.ctx_size}, past the query temperature length the model was loaded for")
         self._batch = L.llama_batch_init(opts.batch_size, 0, 1)
         self.n_embd = L.llama_model_n_embd(self.model)
         if not opts.no_mmproj:

@@ -80,7 +80,8 @@ def temperature_overrides(info: ModelInfo) -> dict[str, float | int]:
     return out
 
 
-def unit_temperature(info: ModelInfo, fixes: dict[str, float | int], n_ctx: int) -> dict[str, float | int]:
+def unit_temperature(info: ModelInfo, fixes: dict[str, float | int], n_ctx: int,
+                     n_seq: int = 1) -> dict[str, float | int]:
     """The override that turns the query temperature off where it is exactly 1 ({} elsewhere).
 
     llama.cpp multiplies the queries by `1 + β·ln(floor(pos/L) + 1)` (offset 0 for mistral4 and
@@ -88,10 +89,13 @@ def unit_temperature(info: ModelInfo, fixes: dict[str, float | int], n_ctx: int)
     position below L = `temperature_length`. The multiply is a graph input whose class has no
     `can_reuse` in this llama.cpp (`llm_graph_input_attn_temp`), so while β ≠ 0 every decode
     step rebuilds and re-allocates the whole graph — llama-server and llama-bench included. When
-    no position can reach L (llama.cpp pads n_ctx up to a multiple of 256, and positions stay
-    below n_ctx), β = 0 gives bit-identical logits and a reused graph: 3–4% more decode t/s on
+    no position can reach L, β = 0 gives bit-identical logits and a reused graph: 3–4% more decode t/s on
     the bench model (bench/results/llamacpp.md). `fixes` are the repair's overrides, which take
     the place of the file's keys.
+
+    A sequence's positions stay below its cells: llama.cpp rounds n_ctx up to a multiple of 256,
+    and with `n_seq` sequences (`serve --parallel`, separate KV cells each) gives each n_ctx/n_seq
+    rounded up to a multiple of 256 again (llama_context's constructor).
     """
     if info.arch not in MISTRAL4_ARCHS:
         return {}
@@ -100,7 +104,10 @@ def unit_temperature(info: ModelInfo, fixes: dict[str, float | int], n_ctx: int)
     length = fixes.get(length_key, info.metadata.get(length_key))
     if not scale or not isinstance(length, int) or length <= 0:
         return {}
-    return {scale_key: 0.0} if -(-n_ctx // 256) * 256 <= length else {}
+    def pad(n: int) -> int:
+        return -(-n // 256) * 256
+
+    return {scale_key: 0.0} if pad(pad(n_ctx) // n_seq) <= length else {}
 
 
 def describe(overrides: dict[str, float | int], name: str) -> str:

@@ -143,14 +143,18 @@ class Slots:
         b = self._batch
         entries: list[tuple[_Run, bool]] = []  # (run, samples here) per batch row
         n = 0
-        for run in self.runs.values():
+        # Rows in sequence order, as llama-server fills its batch: llama.cpp splits a batch whose
+        # sequences come out of order into a reordered ubatch, which cannot reuse the previous
+        # step's graph and computed 8-slot steps ~15% slower (31 vs 26 ms on the bench model).
+        runs = sorted(self.runs.values(), key=lambda r: r.seq)
+        for run in runs:
             if run.pending is not None:
                 put_row(b, n, len(self.cached[run.seq]), run.seq, True, token=run.pending)
                 self.cached[run.seq].append(run.pending)
                 run.pending = None
                 entries.append((run, True))
                 n += 1
-        for run in self.runs.values():
+        for run in runs:
             if not run.todo or run.todo[0] < 0 or n >= self._cap:
                 continue
             k = 0
