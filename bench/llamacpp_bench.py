@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     ap.add_argument("--rounds", type=int, default=3, help="requests per client per run")
-    ap.add_argument("--repeats", type=int, default=4, help="a/b pairs per client count")
+    ap.add_argument("--repeats", type=int, default=6, help="a/b pairs per client count")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and rounds (~3 min); skips c")
     ap.add_argument("--only", default="abc", help="which parts to run (a, b, c)")
     ap.add_argument("--model", type=Path, help="use this GGUF instead of generating one")
@@ -265,7 +265,7 @@ def main() -> None:
                 + ", ".join(f"{x['tps']:.0f}" for x in res[("llama-server", c)]) for c in clients), ""]
 
         if "b" in args.only:
-            reps = 2 if args.quick else 3
+            reps = 2 if args.quick else 5
             ours, theirs = [], []
             for r in range(reps):
                 for who in (("a", "b") if r % 2 == 0 else ("b", "a")):
@@ -289,7 +289,7 @@ def main() -> None:
         if "c" in args.only:
             prompt = "Tell me about the sea. " * 100
             ours, theirs = [], []
-            for r in range(3):
+            for r in range(5):
                 for who in (("a", "b") if r % 2 == 0 else ("b", "a")):
                     if who == "a":
                         j = chat_json(model, T, 2048, prompt, 128)
@@ -315,7 +315,7 @@ def main() -> None:
                       "its `timings` (prefill: prompt tokens / prompt seconds; decode: `decode_tps`, which also counts "
                       "sampling and detokenizing) vs `llama-bench -p <those prompt tokens> -n 0` (prefill) and "
                       "`llama-bench -p 0 -n <those generated tokens> -d <those prompt tokens>` (decode after the "
-                      f"prompt), `-b 512 -ub 512 -t {T} -r 1`; 3 interleaved runs, medians.", "",
+                      f"prompt), `-b 512 -ub 512 -t {T} -r 1`; 5 interleaved runs, medians.", "",
                       "| measure | ms4local t/s | llama-bench t/s | ratio |", "| --- | ---: | ---: | ---: |",
                       f"| prefill | {pa:.1f} | {pb:.1f} | **{pa / pb:.2f}** |",
                       f"| decode | {ga:.1f} | {gb:.1f} | **{ga / gb:.2f}** |", ""]
