@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -170,6 +171,33 @@ def chat_json(model: Path, threads: int, ctx: int, prompt: str, n: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def interleaved(reps: int, name: str, ours: Callable[[], dict[str, float]],
+                theirs: Callable[[list[dict[str, float]]], dict[str, float]],
+                log: Callable[[str], None]) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """`reps` runs of each side, a/b then b/a in turn, so a slow spell of the machine hits both;
+    `theirs` sees ours so far (to measure what ours did)."""
+    a: list[dict[str, float]] = []
+    b: list[dict[str, float]] = []
+    for r in range(reps):
+        for who in ("ab" if r % 2 == 0 else "ba"):
+            if who == "a":
+                a.append(ours())
+                log(f"{name}: {a[-1]}")
+            else:
+                b.append(theirs(a))
+                log(f"llama-bench: {b[-1]}")
+    return a, b
+
+
+def ratio_table(ours: list[dict[str, float]], theirs: list[dict[str, float]], prefill: str, decode: str) -> list[str]:
+    """Markdown rows of the medians' prefill ('pp') and decode ('tg') t/s and their ratios."""
+    rows = ["| measure | ms4local t/s | llama-bench t/s | ratio |", "| --- | ---: | ---: | ---: |"]
+    for label, key in ((prefill, "pp"), (decode, "tg")):
+        a, b = median([x[key] for x in ours]), median([x[key] for x in theirs])
+        rows.append(f"| {label} | {a:.1f} | {b:.1f} | **{a / b:.2f}** |")
+    return rows + [""]
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -264,61 +292,45 @@ def main() -> None:
                 f"{c} clients: " + ", ".join(f"{x['tps']:.0f}" for x in res[("ms4local", c)]) + " / "
                 + ", ".join(f"{x['tps']:.0f}" for x in res[("llama-server", c)]) for c in clients), ""]
 
+        reps = 2 if args.quick else 5
         if "b" in args.only:
-            reps = 2 if args.quick else 5
-            ours, theirs = [], []
-            for r in range(reps):
-                for who in (("a", "b") if r % 2 == 0 else ("b", "a")):
-                    if who == "a":
-                        ours.append(engine_at_depth(model, T, 2048, 512, 512, 128, eos))
-                        log(f"engine: {ours[-1]}")
-                    else:
-                        theirs.append(llama_bench(bindir / "llama-bench", model, T, 1,
-                                                  ["-p", "512", "-n", "128", "-d", "512", "-b", "512", "-ub", "512"]))
-                        log(f"llama-bench: {theirs[-1]}")
-            pa, pb = median([x["pp"] for x in ours]), median([x["pp"] for x in theirs])
-            ga, gb = median([x["tg"] for x in ours]), median([x["tg"] for x in theirs])
+            ours, theirs = interleaved(reps, "engine", lambda: engine_at_depth(model, T, 2048, 512, 512, 128, eos),
+                                       lambda _ours: llama_bench(bindir / "llama-bench", model, T, 1,
+                                                                 ["-p", "512", "-n", "128", "-d", "512", "-b", "512",
+                                                                  "-ub", "512"]), log)
             lines += ["## b. Engine vs `llama-bench` at depth 512", "",
                       f"`Engine.generate` (prefill: 512 new tokens after 512 cached; decode: 128 decodes after a "
                       f"512-token prompt, EOS banned) vs `llama-bench -m MODEL -t {T} -r 1 -p 512 -n 128 -d 512 -b 512 "
                       f"-ub 512`; {reps} interleaved runs, medians.", "",
-                      "| measure | ms4local t/s | llama-bench t/s | ratio |", "| --- | ---: | ---: | ---: |",
-                      f"| prefill 512 @ depth 512 | {pa:.1f} | {pb:.1f} | **{pa / pb:.2f}** |",
-                      f"| decode 128 @ depth 512 | {ga:.1f} | {gb:.1f} | **{ga / gb:.2f}** |", ""]
+                      *ratio_table(ours, theirs, "prefill 512 @ depth 512", "decode 128 @ depth 512")]
 
         if "c" in args.only:
             prompt = "Tell me about the sea. " * 100
-            ours, theirs = [], []
-            for r in range(5):
-                for who in (("a", "b") if r % 2 == 0 else ("b", "a")):
-                    if who == "a":
-                        j = chat_json(model, T, 2048, prompt, 128)
-                        t = j["timings"]
-                        ours.append({"pp": t["prompt_eval_tokens"] / t["prompt_seconds"], "tg": t["decode_tps"],
-                                     "n_prompt": t["prompt_eval_tokens"], "n_gen": t["decoded_tokens"]})
-                        log(f"chat --json: {ours[-1]}")
-                    else:
-                        n_p = ours[-1]["n_prompt"] if ours else 512
-                        n_g = ours[-1]["n_gen"] if ours else 128
-                        # prefill from an empty context; decode after the prompt (-d), as chat does
-                        pp = llama_bench(bindir / "llama-bench", model, T, 1, ["-p", str(n_p), "-n", "0", "-b", "512",
-                                                                             "-ub", "512"])
-                        tg = llama_bench(bindir / "llama-bench", model, T, 1, ["-p", "0", "-n", str(n_g), "-d", str(n_p),
-                                                                             "-b", "512", "-ub", "512"])
-                        theirs.append({**pp, **tg})
-                        log(f"llama-bench: {theirs[-1]}")
-            pa, pb = median([x["pp"] for x in ours]), median([x["pp"] for x in theirs])
-            ga, gb = median([x["tg"] for x in ours]), median([x["tg"] for x in theirs])
+
+            def chat_run() -> dict[str, float]:
+                t = chat_json(model, T, 2048, prompt, 128)["timings"]
+                return {"pp": t["prompt_eval_tokens"] / t["prompt_seconds"], "tg": t["decode_tps"],
+                        "n_prompt": t["prompt_eval_tokens"], "n_gen": t["decoded_tokens"]}
+
+            def bench_run(ours_so_far: list[dict[str, float]]) -> dict[str, float]:
+                n_p = int(ours_so_far[-1]["n_prompt"]) if ours_so_far else 512
+                n_g = int(ours_so_far[-1]["n_gen"]) if ours_so_far else 128
+                # prefill from an empty context; decode after the prompt (-d), as chat does
+                pp = llama_bench(bindir / "llama-bench", model, T, 1, ["-p", str(n_p), "-n", "0", "-b", "512",
+                                                                     "-ub", "512"])
+                tg = llama_bench(bindir / "llama-bench", model, T, 1, ["-p", "0", "-n", str(n_g), "-d", str(n_p),
+                                                                     "-b", "512", "-ub", "512"])
+                return {**pp, **tg}
+
+            ours, theirs = interleaved(reps, "chat --json", chat_run, bench_run, log)
             lines += ["## c. `ms4local chat --json` vs `llama-bench`", "",
                       f"`ms4local chat MODEL -p '<{len(prompt)} characters>' --json -n 128 --temp 0 -t {T} -c 2048` "
                       f"({ours[0]['n_prompt']} prompt tokens, {ours[0]['n_gen']} tokens generated: chat cannot ban EOS, so llama-bench decodes as many) — "
                       "its `timings` (prefill: prompt tokens / prompt seconds; decode: `decode_tps`, which also counts "
                       "sampling and detokenizing) vs `llama-bench -p <those prompt tokens> -n 0` (prefill) and "
                       "`llama-bench -p 0 -n <those generated tokens> -d <those prompt tokens>` (decode after the "
-                      f"prompt), `-b 512 -ub 512 -t {T} -r 1`; 5 interleaved runs, medians.", "",
-                      "| measure | ms4local t/s | llama-bench t/s | ratio |", "| --- | ---: | ---: | ---: |",
-                      f"| prefill | {pa:.1f} | {pb:.1f} | **{pa / pb:.2f}** |",
-                      f"| decode | {ga:.1f} | {gb:.1f} | **{ga / gb:.2f}** |", ""]
+                      f"prompt), `-b 512 -ub 512 -t {T} -r 1`; {reps} interleaved runs, medians.", "",
+                      *ratio_table(ours, theirs, "prefill", "decode")]
 
     tail = args.out.read_text().split("\n## What each change bought", 1) if args.out.exists() else [""]
     text = "\n".join(lines)

@@ -62,12 +62,17 @@ def load_failure(name: str, info: ModelInfo | None, reason: str) -> str:
     return f"llama.cpp could not load {name} ({what}): {reason}"
 
 
+def _temperature_keys(arch: str) -> tuple[str, str]:
+    """The names of an architecture's query temperature keys: (scale β, length L)."""
+    return f"{arch}.attention.temperature_scale", f"{arch}.attention.temperature_length"
+
+
 def temperature_overrides(info: ModelInfo) -> dict[str, float | int]:
     """The kv_overrides a model needs for its query temperature ({} when it needs none or cannot
     get them: no original context length to take the length from)."""
     if info.arch not in TEMPERATURE_ARCHS:
         return {}
-    scale_key, length_key = f"{info.arch}.attention.temperature_scale", f"{info.arch}.attention.temperature_length"
+    scale_key, length_key = _temperature_keys(info.arch)
     scale, length = info.metadata.get(scale_key), info.metadata.get(length_key)
     original = info.key("rope.scaling.original_context_length")
     if scale is not None and length:
@@ -89,9 +94,9 @@ def unit_temperature(info: ModelInfo, fixes: dict[str, float | int], n_ctx: int,
     position below L = `temperature_length`. The multiply is a graph input whose class has no
     `can_reuse` in this llama.cpp (`llm_graph_input_attn_temp`), so while β ≠ 0 every decode
     step rebuilds and re-allocates the whole graph — llama-server and llama-bench included. When
-    no position can reach L, β = 0 gives bit-identical logits and a reused graph: 3–4% more decode t/s on
-    the bench model (bench/results/llamacpp.md). `fixes` are the repair's overrides, which take
-    the place of the file's keys.
+    no position can reach L, β = 0 gives bit-identical logits and a reused graph: 3–4% more
+    decode t/s on the bench model (bench/results/llamacpp.md). `fixes` are the repair's
+    overrides, which take the place of the file's keys.
 
     A sequence's positions stay below its cells: llama.cpp rounds n_ctx up to a multiple of 256,
     and with `n_seq` sequences (`serve --parallel`, separate KV cells each) gives each n_ctx/n_seq
@@ -99,11 +104,12 @@ def unit_temperature(info: ModelInfo, fixes: dict[str, float | int], n_ctx: int,
     """
     if info.arch not in MISTRAL4_ARCHS:
         return {}
-    scale_key, length_key = f"{info.arch}.attention.temperature_scale", f"{info.arch}.attention.temperature_length"
+    scale_key, length_key = _temperature_keys(info.arch)
     scale = fixes.get(scale_key, info.metadata.get(scale_key))
     length = fixes.get(length_key, info.metadata.get(length_key))
     if not scale or not isinstance(length, int) or length <= 0:
         return {}
+
     def pad(n: int) -> int:
         return -(-n // 256) * 256
 
